@@ -1,0 +1,219 @@
+"""Helpers the tests share: free ports, condition polling, and real child processes
+(the exporter, Prometheus, Alertmanager) started on loopback and stopped afterwards."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, TypeVar
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+T = TypeVar("T")
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_until(
+    condition: Callable[[], T | None],
+    timeout: float = 30.0,
+    interval: float = 0.05,
+    message: str = "condition",
+) -> T:
+    """Poll ``condition`` until it returns something truthy; return that value or fail with a message.
+
+    Exceptions raised by the condition count as "not yet" (a server still starting refuses
+    connections); the last one is reported on timeout.
+    """
+    deadline = time.monotonic() + timeout
+    last_error: BaseException | None = None
+    while True:
+        try:
+            value = condition()
+            if value:
+                return value
+        except Exception as exc:  # noqa: BLE001 - "not ready yet"
+            last_error = exc
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"timed out after {timeout:.1f}s waiting for {message}; last error: {last_error!r}")
+        time.sleep(interval)
+
+
+def http_get(url: str, timeout: float = 5.0, headers: dict[str, str] | None = None) -> tuple[int, str]:
+    """GET a URL; return (status, body) without raising on 4xx/5xx."""
+    req = urllib.request.Request(url, headers=headers or {})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            return resp.status, resp.read().decode()
+    except urllib.error.HTTPError as err:
+        return err.code, err.read().decode()
+
+
+def http_post_json(
+    url: str, payload: Any, timeout: float = 5.0, headers: dict[str, str] | None = None
+) -> tuple[int, str]:
+    data = json.dumps(payload).encode()
+    req = urllib.request.Request(
+        url, data=data, method="POST", headers={"Content-Type": "application/json", **(headers or {})}
+    )
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            return resp.status, resp.read().decode()
+    except urllib.error.HTTPError as err:
+        return err.code, err.read().decode()
+
+
+class ManagedProcess:
+    """A child process with its output in a log file, stopped (and reaped) by ``stop()``."""
+
+    def __init__(self, name: str, argv: Sequence[str], log_dir: Path, env: dict[str, str] | None = None,
+                 cwd: Path | None = None) -> None:
+        self.name = name
+        self.argv = list(argv)
+        self.log_path = log_dir / f"{name}.log"
+        self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
+        self.proc = subprocess.Popen(
+            self.argv, stdout=self._log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})},
+            cwd=str(cwd or REPO_ROOT), start_new_session=True,
+        )
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def log(self) -> str:
+        self._log.flush()
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 10.0) -> int:
+        if self.proc.poll() is None:
+            try:
+                os.killpg(self.proc.pid, sig)
+            except ProcessLookupError:
+                pass
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(timeout)
+        self._log.close()
+        return int(self.proc.returncode)
+
+
+def require_binary(name: str) -> str:
+    path = shutil.which(name)
+    if path is None:
+        raise AssertionError(f"{name} is not installed; .ci/run installs it (apt-get install ...)")
+    return path
+
+
+def start_exporter(log_dir: Path, *args: str, port: int | None = None, env: dict[str, str] | None = None,
+                   name: str = "exporter") -> tuple[ManagedProcess, str]:
+    """Start ``python -m exporter`` on a loopback port and wait until /healthz answers.
+
+    Returns the process and its base URL. Pass e.g. ``"--simulate", "healthy-8gpu", "--interval", "0.2"``.
+    """
+    port = port or free_port()
+    proc = ManagedProcess(name, [sys.executable, "-m", "exporter", "--listen", f"127.0.0.1:{port}", *args],
+                          log_dir, env=env)
+    base = f"http://127.0.0.1:{port}"
+
+    def up() -> bool:
+        if not proc.alive():
+            raise AssertionError(f"exporter exited early:\n{proc.log()}")
+        return http_get(base + "/healthz", timeout=1)[0] == 200
+
+    try:
+        wait_until(up, timeout=30, message=f"exporter on {base}")
+    except BaseException:
+        proc.stop()
+        raise
+    return proc, base
+
+
+def start_prometheus(log_dir: Path, config_yaml: str, port: int | None = None,
+                     extra_args: Sequence[str] = ()) -> tuple[ManagedProcess, str]:
+    """Start the real Prometheus (Debian package) with ``config_yaml`` on a loopback port."""
+    binary = require_binary("prometheus")
+    port = port or free_port()
+    cfg = log_dir / "prometheus.yml"
+    cfg.write_text(config_yaml)
+    data = log_dir / "prometheus-data"
+    data.mkdir(exist_ok=True)
+    proc = ManagedProcess("prometheus", [
+        binary, f"--config.file={cfg}", f"--storage.tsdb.path={data}",
+        f"--web.listen-address=127.0.0.1:{port}", "--web.enable-lifecycle", *extra_args,
+    ], log_dir)
+    base = f"http://127.0.0.1:{port}"
+
+    def ready() -> bool:
+        if not proc.alive():
+            raise AssertionError(f"prometheus exited early:\n{proc.log()}")
+        return http_get(base + "/-/ready", timeout=1)[0] == 200
+
+    try:
+        wait_until(ready, timeout=60, message="prometheus ready")
+    except BaseException:
+        proc.stop()
+        raise
+    return proc, base
+
+
+def start_alertmanager(log_dir: Path, config_path: Path, port: int | None = None) -> tuple[ManagedProcess, str]:
+    """Start the real Alertmanager (Debian ``prometheus-alertmanager``) on a loopback port."""
+    binary = shutil.which("prometheus-alertmanager") or require_binary("alertmanager")
+    port = port or free_port()
+    data = log_dir / "alertmanager-data"
+    data.mkdir(exist_ok=True)
+    proc = ManagedProcess("alertmanager", [
+        binary, f"--config.file={config_path}", f"--storage.path={data}",
+        f"--web.listen-address=127.0.0.1:{port}", "--cluster.listen-address=",
+    ], log_dir)
+    base = f"http://127.0.0.1:{port}"
+
+    def ready() -> bool:
+        if not proc.alive():
+            raise AssertionError(f"alertmanager exited early:\n{proc.log()}")
+        return http_get(base + "/-/ready", timeout=1)[0] == 200
+
+    try:
+        wait_until(ready, timeout=60, message="alertmanager ready")
+    except BaseException:
+        proc.stop()
+        raise
+    return proc, base
+
+
+def prom_query(base: str, promql: str) -> list[dict[str, Any]]:
+    """Instant query through Prometheus's HTTP API; returns the result vector."""
+    url = base + "/api/v1/query?" + urllib.parse.urlencode({"query": promql})
+    status, body = http_get(url)
+    if status != 200:
+        raise AssertionError(f"query {promql!r} failed with {status}: {body}")
+    return list(json.loads(body)["data"]["result"])
+
+
+def parse_metrics(text: str) -> dict[str, list[tuple[dict[str, str], float]]]:
+    """Parse Prometheus text exposition into {sample_name: [(labels, value), ...]}."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    out: dict[str, list[tuple[dict[str, str], float]]] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            out.setdefault(sample.name, []).append((dict(sample.labels), float(sample.value)))
+    return out
+
