@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -47,10 +48,12 @@ def wait_until(
             value = condition()
             if value:
                 return value
-        except Exception as exc:  # noqa: BLE001 - "not ready yet"
+        except Exception as exc:
             last_error = exc
         if time.monotonic() >= deadline:
-            raise AssertionError(f"timed out after {timeout:.1f}s waiting for {message}; last error: {last_error!r}")
+            raise AssertionError(
+                f"timed out after {timeout:.1f}s waiting for {message}; last error: {last_error!r}"
+            )
         time.sleep(interval)
 
 
@@ -81,15 +84,25 @@ def http_post_json(
 class ManagedProcess:
     """A child process with its output in a log file, stopped (and reaped) by ``stop()``."""
 
-    def __init__(self, name: str, argv: Sequence[str], log_dir: Path, env: dict[str, str] | None = None,
-                 cwd: Path | None = None) -> None:
+    def __init__(
+        self,
+        name: str,
+        argv: Sequence[str],
+        log_dir: Path,
+        env: dict[str, str] | None = None,
+        cwd: Path | None = None,
+    ) -> None:
         self.name = name
         self.argv = list(argv)
         self.log_path = log_dir / f"{name}.log"
         self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(
-            self.argv, stdout=self._log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})},
-            cwd=str(cwd or REPO_ROOT), start_new_session=True,
+            self.argv,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, **(env or {})},
+            cwd=str(cwd or REPO_ROOT),
+            start_new_session=True,
         )
 
     def alive(self) -> bool:
@@ -101,10 +114,8 @@ class ManagedProcess:
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 10.0) -> int:
         if self.proc.poll() is None:
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.killpg(self.proc.pid, sig)
-            except ProcessLookupError:
-                pass
             try:
                 self.proc.wait(timeout)
             except subprocess.TimeoutExpired:
@@ -121,15 +132,21 @@ def require_binary(name: str) -> str:
     return path
 
 
-def start_exporter(log_dir: Path, *args: str, port: int | None = None, env: dict[str, str] | None = None,
-                   name: str = "exporter") -> tuple[ManagedProcess, str]:
+def start_exporter(
+    log_dir: Path,
+    *args: str,
+    port: int | None = None,
+    env: dict[str, str] | None = None,
+    name: str = "exporter",
+) -> tuple[ManagedProcess, str]:
     """Start ``python -m exporter`` on a loopback port and wait until /healthz answers.
 
     Returns the process and its base URL. Pass e.g. ``"--simulate", "healthy-8gpu", "--interval", "0.2"``.
     """
     port = port or free_port()
-    proc = ManagedProcess(name, [sys.executable, "-m", "exporter", "--listen", f"127.0.0.1:{port}", *args],
-                          log_dir, env=env)
+    proc = ManagedProcess(
+        name, [sys.executable, "-m", "exporter", "--listen", f"127.0.0.1:{port}", *args], log_dir, env=env
+    )
     base = f"http://127.0.0.1:{port}"
 
     def up() -> bool:
@@ -145,8 +162,9 @@ def start_exporter(log_dir: Path, *args: str, port: int | None = None, env: dict
     return proc, base
 
 
-def start_prometheus(log_dir: Path, config_yaml: str, port: int | None = None,
-                     extra_args: Sequence[str] = ()) -> tuple[ManagedProcess, str]:
+def start_prometheus(
+    log_dir: Path, config_yaml: str, port: int | None = None, extra_args: Sequence[str] = ()
+) -> tuple[ManagedProcess, str]:
     """Start the real Prometheus (Debian package) with ``config_yaml`` on a loopback port."""
     binary = require_binary("prometheus")
     port = port or free_port()
@@ -154,10 +172,18 @@ def start_prometheus(log_dir: Path, config_yaml: str, port: int | None = None,
     cfg.write_text(config_yaml)
     data = log_dir / "prometheus-data"
     data.mkdir(exist_ok=True)
-    proc = ManagedProcess("prometheus", [
-        binary, f"--config.file={cfg}", f"--storage.tsdb.path={data}",
-        f"--web.listen-address=127.0.0.1:{port}", "--web.enable-lifecycle", *extra_args,
-    ], log_dir)
+    proc = ManagedProcess(
+        "prometheus",
+        [
+            binary,
+            f"--config.file={cfg}",
+            f"--storage.tsdb.path={data}",
+            f"--web.listen-address=127.0.0.1:{port}",
+            "--web.enable-lifecycle",
+            *extra_args,
+        ],
+        log_dir,
+    )
     base = f"http://127.0.0.1:{port}"
 
     def ready() -> bool:
@@ -173,16 +199,25 @@ def start_prometheus(log_dir: Path, config_yaml: str, port: int | None = None,
     return proc, base
 
 
-def start_alertmanager(log_dir: Path, config_path: Path, port: int | None = None) -> tuple[ManagedProcess, str]:
+def start_alertmanager(
+    log_dir: Path, config_path: Path, port: int | None = None
+) -> tuple[ManagedProcess, str]:
     """Start the real Alertmanager (Debian ``prometheus-alertmanager``) on a loopback port."""
     binary = shutil.which("prometheus-alertmanager") or require_binary("alertmanager")
     port = port or free_port()
     data = log_dir / "alertmanager-data"
     data.mkdir(exist_ok=True)
-    proc = ManagedProcess("alertmanager", [
-        binary, f"--config.file={config_path}", f"--storage.path={data}",
-        f"--web.listen-address=127.0.0.1:{port}", "--cluster.listen-address=",
-    ], log_dir)
+    proc = ManagedProcess(
+        "alertmanager",
+        [
+            binary,
+            f"--config.file={config_path}",
+            f"--storage.path={data}",
+            f"--web.listen-address=127.0.0.1:{port}",
+            "--cluster.listen-address=",
+        ],
+        log_dir,
+    )
     base = f"http://127.0.0.1:{port}"
 
     def ready() -> bool:
@@ -216,4 +251,3 @@ def parse_metrics(text: str) -> dict[str, list[tuple[dict[str, str], float]]]:
         for sample in family.samples:
             out.setdefault(sample.name, []).append((dict(sample.labels), float(sample.value)))
     return out
-
