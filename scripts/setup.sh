@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# Installs everything the exporter, its tests and the demo need on a fresh Debian machine:
+# Prometheus + promtool, Alertmanager + amtool, the Docker engine, busybox (for test images),
+# PyTorch (CPU build), and this package with its server, docker and test extras.
+# Idempotent: a second run installs nothing new.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+SUDO=""
+if [ "$(id -u)" != 0 ]; then SUDO="sudo"; fi
+
+apt_packages=(prometheus prometheus-alertmanager docker.io busybox-static)
+missing=()
+for p in "${apt_packages[@]}"; do
+  dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
+done
+if [ "${#missing[@]}" -gt 0 ]; then
+  echo "setup: installing Debian packages: ${missing[*]}"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+# The Debian packages start services on install where an init system exists; the tests start their
+# own instances on loopback ports, so stop any packaged ones to keep ports and CPU free.
+for svc in prometheus prometheus-alertmanager prometheus-node-exporter; do
+  $SUDO pkill -x "$svc" >/dev/null 2>&1 || true
+done
+
+PY="${PYTHON:-python3}"
+# torch first and pinned: a range would pull the multi-GB CUDA build from the registry.
+if ! "$PY" -c "import torch" >/dev/null 2>&1; then
+  echo "setup: installing torch==2.13.0 (CPU build)"
+  "$PY" -m pip install -q torch==2.13.0
+fi
+"$PY" -m pip install -q -e ".[server,docker,test]"
+echo "setup: done"
