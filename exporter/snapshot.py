@@ -33,6 +33,9 @@ class GpuProcess:
     used_memory_bytes: int | None = None
     sm_utilization_ratio: float | None = None
     container: ContainerInfo | None = None
+    # Filled by the training-hook join (exporter.ingest): which job and rank own this PID.
+    training_job: str | None = None
+    rank: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

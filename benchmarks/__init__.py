@@ -1,0 +1,1 @@
+"""Benchmarks: scripts that print their figures (medians and ratios from the same run)."""
