@@ -25,6 +25,10 @@ for svc in prometheus prometheus-alertmanager prometheus-node-exporter; do
   $SUDO pkill -x "$svc" >/dev/null 2>&1 || true
 done
 
+# The Docker engine: the container-attribution tests and the compose demo need a running dockerd.
+# Not fatal here: without it the docker tests fail with the reason, and everything else still runs.
+bash scripts/start-dockerd.sh || echo "setup: WARNING: no Docker engine; tests marked docker will fail"
+
 PY="${PYTHON:-python3}"
 # torch first and pinned: a range would pull the multi-GB CUDA build from the registry.
 if ! "$PY" -c "import torch" >/dev/null 2>&1; then
