@@ -1,0 +1,303 @@
+"""The three dashboards: Fleet, GPU detail and Training job.
+
+Queries use only names from docs/metrics.md. Template variables are always matched with ``=~`` so
+multi-value and "All" selections work; counters only ever appear inside ``rate``/``increase`` with
+``$__rate_interval`` (or ``$__range`` for "over the picked time range" totals).
+"""
+
+from __future__ import annotations
+
+from dashboards.grafana import (
+    DATASOURCE,
+    FLEET_UID,
+    GPU_UID,
+    TRAINING_UID,
+    Json,
+    dashboard,
+    gpu_detail_link,
+    query_var,
+    row,
+    stat,
+    table,
+    target,
+    thresholds,
+    timeseries,
+    training_link,
+)
+
+# Utilization below this share on a GPU that holds process memory counts as "idle but allocated".
+IDLE_UTILIZATION = 0.05
+
+FLEET_SEL = 'host=~"$host", gpu=~"$gpu"'
+GPU_SEL = 'host=~"$host", gpu=~"$gpu"'
+JOB_SEL = 'training_job=~"$training_job", host=~"$host", rank=~"$rank"'
+GPU_LEGEND = "{{host}} gpu {{gpu}}"
+SERIES_GPU_LINK = gpu_detail_link("${__field.labels.host}", "${__field.labels.gpu}")
+ROW_GPU_LINK = gpu_detail_link("${__data.fields.host}", "${__data.fields.gpu}")
+
+NO_THRESHOLDS = thresholds()  # a single base color: "no limit applies here" stated explicitly
+TEMP_THRESHOLDS = thresholds((80, "orange"), (90, "red"))
+ERROR_THRESHOLDS = thresholds((1, "red"))
+
+
+def _idle_allocated(sel: str) -> str:
+    """GPUs with process memory but (almost) no SM activity: paid for, doing nothing."""
+    return (
+        f"(max by (host, gpu) (gpu_utilization_ratio{{{sel}}}) < {IDLE_UTILIZATION})"
+        f" and on (host, gpu) (count by (host, gpu) (gpu_process_memory_used_bytes{{{sel}}}) > 0)"
+    )
+
+
+def fleet() -> Json:
+    s = FLEET_SEL
+    panels = [
+        row("At a glance"),
+        stat("GPUs up", [target(f"sum(gpu_up{{{s}}})", "up")], unit="none",
+             thr=thresholds(base="green"), description="GPUs that answered the last NVML poll."),
+        stat("GPUs down", [
+            target(f"sum(1 - gpu_up{{{s}}})", "GPUs not answering"),
+            target('sum(1 - gpu_exporter_nvml_up{host=~"$host"})', "hosts with NVML down"),
+        ], unit="none", thr=ERROR_THRESHOLDS,
+            description="GPUs known to the exporter that failed their last poll, and hosts whose NVML is down."),
+        stat("Firing alerts", [target('count(ALERTS{alertstate="firing", host=~"$host|"})', "firing")],
+             unit="none", thr=thresholds((2, "orange")),
+             description="Alerts firing now (the always-firing Watchdog counts as one)."),
+        stat("Idle but allocated GPUs", [target(f"count({_idle_allocated(s)})", "idle")], unit="none",
+             thr=thresholds((1, "orange")),
+             description=f"GPUs holding process memory with utilization below {IDLE_UTILIZATION:.0%}."),
+        stat("Average utilization", [target(f"avg(gpu_utilization_ratio{{{s}}})", "avg")],
+             unit="percentunit", minimum=0, maximum=1, thr=thresholds((0.3, "green"), base="orange")),
+        stat("Energy used (time range)", [
+            target(f"sum(increase(gpu_energy_consumed_joules_total{{{s}}}[$__range])) / 3600000", "kWh"),
+        ], unit="kwatth", thr=NO_THRESHOLDS, description="Energy all selected GPUs used in the picked range."),
+        row("Utilization and memory"),
+        timeseries("GPU utilization", [target(f"gpu_utilization_ratio{{{s}}}", GPU_LEGEND)],
+                   unit="percentunit", minimum=0, maximum=1, thr=thresholds((0.95, "orange")),
+                   links=[SERIES_GPU_LINK], description="SM busy share per GPU."),
+        timeseries("Memory used", [
+            target(f"gpu_memory_used_bytes{{{s}}} / gpu_memory_total_bytes{{{s}}}", GPU_LEGEND),
+        ], unit="percentunit", minimum=0, maximum=1, thr=thresholds((0.9, "orange"), (0.98, "red")),
+            links=[SERIES_GPU_LINK], description="Framebuffer memory used, share of the card."),
+        row("Thermals, power and throttling"),
+        timeseries("Temperature", [target(f"gpu_temperature_celsius{{{s}}}", GPU_LEGEND)],
+                   unit="celsius", thr=TEMP_THRESHOLDS, links=[SERIES_GPU_LINK], w=8),
+        timeseries("Power draw (share of limit)", [
+            target(f"gpu_power_usage_watts{{{s}}} / gpu_power_limit_watts{{{s}}}", GPU_LEGEND),
+        ], unit="percentunit", minimum=0, thr=thresholds((0.95, "orange")), links=[SERIES_GPU_LINK], w=8),
+        timeseries("Throttled GPUs by reason", [
+            target(f'sum by (reason) (gpu_clock_event_active{{{s}, reason!="gpu_idle"}})', "{{reason}}"),
+        ], unit="none", minimum=0, thr=thresholds((1, "orange")), stepped=True, w=8,
+            description="How many GPUs have each clock-event (throttle) reason active; idle is left out."),
+        row("Errors"),
+        timeseries("XID errors", [
+            target(f"sum by (host, gpu, xid) (increase(gpu_xid_errors_total{{{s}}}[$__rate_interval]))",
+                   "{{host}} gpu {{gpu}} xid {{xid}}"),
+        ], unit="none", minimum=0, thr=ERROR_THRESHOLDS, links=[SERIES_GPU_LINK], w=8),
+        timeseries("ECC errors", [
+            target(f'sum by (host, gpu, error_type) (increase(gpu_ecc_errors_total{{{s}, counter="volatile"}}'
+                   f"[$__rate_interval]))", "{{host}} gpu {{gpu}} {{error_type}}"),
+        ], unit="none", minimum=0, thr=ERROR_THRESHOLDS, links=[SERIES_GPU_LINK], w=8),
+        timeseries("Row remapping", [
+            target(f'gpu_remapped_rows{{{s}, kind="uncorrectable"}}', "{{host}} gpu {{gpu}} uncorrectable rows"),
+            target(f"gpu_remapped_rows_pending{{{s}}} + gpu_remapped_rows_failure{{{s}}}",
+                   "{{host}} gpu {{gpu}} pending + failed"),
+        ], unit="none", minimum=0, thr=ERROR_THRESHOLDS, links=[SERIES_GPU_LINK], w=8,
+            description="Uncorrectable remapped rows; a pending remap needs a GPU reset, a failed one service."),
+        row("Lists"),
+        table("Firing alerts", [target('ALERTS{alertstate="firing", host=~"$host|"}', table=True)],
+              unit="none", thr=NO_THRESHOLDS, hide=("Time", "Value", "__name__", "alertstate"), w=12),
+        table("Idle but allocated GPUs", [target(_idle_allocated(s), table=True)], unit="percentunit",
+              thr=thresholds((IDLE_UTILIZATION, "green"), base="orange"), links=[ROW_GPU_LINK], w=12,
+              description="Value: utilization. Click a row for the GPU detail dashboard."),
+        table("GPU inventory", [target(f"gpu_info{{{s}}}", table=True)], unit="none", thr=NO_THRESHOLDS,
+              hide=("Time", "Value", "__name__"), links=[ROW_GPU_LINK],
+              description="Every GPU with its model, driver and PCI address. Click a row for details."),
+    ]
+    variables = [
+        query_var("host", "Host", "label_values(gpu_up, host)", multi=True, include_all=True),
+        query_var("gpu", "GPU", 'label_values(gpu_up{host=~"$host"}, gpu)', multi=True, include_all=True),
+    ]
+    return dashboard(FLEET_UID, "GPU fleet", "Every host and GPU at a glance.", variables, panels)
+
+
+def gpu_detail() -> Json:
+    s = GPU_SEL
+    panels = [
+        row("Identity"),
+        table("GPU", [target(f"gpu_info{{{s}}}", table=True)], unit="none", thr=NO_THRESHOLDS,
+              hide=("Time", "Value", "__name__"), w=16, h=4),
+        stat("Up", [target(f"gpu_up{{{s}}}", "up")], unit="none", thr=thresholds((1, "green"), base="red"),
+             w=4),
+        stat("Performance state", [target(f"gpu_performance_state{{{s}}}", "P-state")], unit="none",
+             thr=thresholds((8, "orange")), w=4, description="P0 is full performance, P15 the lowest."),
+        row("Clocks and throttling"),
+        timeseries("Clocks", [
+            target(f"gpu_clock_hertz{{{s}}}", "{{clock}}"),
+            target(f"gpu_clock_max_hertz{{{s}}}", "{{clock}} max"),
+        ], unit="hertz", minimum=0, thr=NO_THRESHOLDS),
+        timeseries("Throttle reasons", [target(f"gpu_clock_event_active{{{s}}}", "{{reason}}")],
+                   unit="none", minimum=0, maximum=1, stepped=True, thr=thresholds((1, "orange")),
+                   description="1 while the clock-event reason is active (gpu_idle is harmless)."),
+        row("Thermals, power and activity"),
+        timeseries("Temperature against thresholds", [
+            target(f"gpu_temperature_celsius{{{s}}}", "core"),
+            target(f"gpu_memory_temperature_celsius{{{s}}}", "memory (HBM)"),
+            target(f'gpu_temperature_threshold_celsius{{{s}, threshold=~"slowdown|shutdown|memory_max"}}',
+                   "{{threshold}} threshold"),
+        ], unit="celsius", thr=TEMP_THRESHOLDS, w=8),
+        timeseries("Power against limit", [
+            target(f"gpu_power_usage_watts{{{s}}}", "draw"),
+            target(f"gpu_power_limit_watts{{{s}}}", "limit"),
+        ], unit="watt", minimum=0, thr=NO_THRESHOLDS, w=8),
+        timeseries("Utilization", [
+            target(f"gpu_utilization_ratio{{{s}}}", "SM"),
+            target(f"gpu_memory_utilization_ratio{{{s}}}", "memory controller"),
+        ], unit="percentunit", minimum=0, maximum=1, thr=thresholds((0.95, "orange")), w=8),
+        row("Memory"),
+        timeseries("Framebuffer memory", [
+            target(f"gpu_memory_used_bytes{{{s}}}", "used"),
+            target(f"gpu_memory_reserved_bytes{{{s}}}", "reserved by driver"),
+            target(f"gpu_memory_total_bytes{{{s}}}", "total"),
+        ], unit="bytes", minimum=0, thr=NO_THRESHOLDS, w=6),
+        timeseries("Memory by process", [
+            target(f"sum by (pid, process_type) (gpu_process_memory_used_bytes{{{s}}})",
+                   "pid {{pid}} ({{process_type}})"),
+        ], unit="bytes", minimum=0, stacked=True, thr=NO_THRESHOLDS, w=6),
+        timeseries("Memory by container", [
+            target('label_replace(sum by (container_name) (gpu_process_memory_used_bytes{' + s + '}),'
+                   ' "container_name", "(no container)", "container_name", "")', "{{container_name}}"),
+        ], unit="bytes", minimum=0, stacked=True, thr=NO_THRESHOLDS, w=6),
+        timeseries("Memory by training job", [
+            target('label_replace(sum by (training_job) (gpu_process_memory_used_bytes{' + s + '}),'
+                   ' "training_job", "(not training)", "training_job", "")', "{{training_job}}"),
+        ], unit="bytes", minimum=0, stacked=True, thr=NO_THRESHOLDS, w=6,
+            links=[training_link("${__field.labels.training_job}")]),
+        row("PCIe"),
+        timeseries("PCIe throughput", [
+            target(f"gpu_pcie_tx_bytes_per_second{{{s}}}", "tx"),
+            target(f"gpu_pcie_rx_bytes_per_second{{{s}}}", "rx"),
+        ], unit="Bps", minimum=0, thr=NO_THRESHOLDS),
+        timeseries("PCIe replays", [
+            target(f"increase(gpu_pcie_replay_errors_total{{{s}}}[$__rate_interval])", "replays"),
+        ], unit="none", minimum=0, thr=thresholds((1, "orange")),
+            description="Link-level retransmissions; a steady stream means a bad riser, slot or cable."),
+        row("ECC and XID history"),
+        timeseries("ECC errors", [
+            target(f"sum by (error_type, counter) (increase(gpu_ecc_errors_total{{{s}}}[$__rate_interval]))",
+                   "{{error_type}} ({{counter}})"),
+        ], unit="none", minimum=0, thr=ERROR_THRESHOLDS, w=8),
+        timeseries("XID errors", [
+            target(f"sum by (xid) (increase(gpu_xid_errors_total{{{s}}}[$__rate_interval]))", "xid {{xid}}"),
+        ], unit="none", minimum=0, thr=ERROR_THRESHOLDS, w=8),
+        timeseries("Remapped rows", [
+            target(f"gpu_remapped_rows{{{s}}}", "{{kind}}"),
+            target(f"gpu_remapped_rows_pending{{{s}}}", "pending"),
+            target(f"gpu_remapped_rows_failure{{{s}}}", "failed"),
+        ], unit="none", minimum=0, thr=ERROR_THRESHOLDS, w=8),
+        table("XID last seen", [target(f"gpu_xid_last_seen_timestamp_seconds{{{s}}} * 1000", table=True)],
+              unit="dateTimeAsIso", thr=NO_THRESHOLDS, hide=("Time", "__name__", "host", "gpu", "uuid")),
+    ]
+    variables = [
+        query_var("host", "Host", "label_values(gpu_up, host)", multi=False, include_all=False),
+        query_var("gpu", "GPU", 'label_values(gpu_up{host=~"$host"}, gpu)', multi=False, include_all=False),
+    ]
+    return dashboard(GPU_UID, "GPU detail", "One GPU over time.", variables, panels)
+
+
+def training_job() -> Json:
+    s = JOB_SEL
+    step_time = (f"rate(training_step_duration_seconds_sum{{{s}}}[$__rate_interval])"
+                 f" / rate(training_step_duration_seconds_count{{{s}}}[$__rate_interval])")
+    job_gpus = f"gpu_process_memory_used_bytes{{{s}}}"
+    panels = [
+        row("Progress"),
+        stat("Ranks reporting", [target(f"count(training_info{{{s}}})", "ranks")], unit="none",
+             thr=thresholds(base="green")),
+        stat("Steps per second", [target(f"avg(rate(training_steps_total{{{s}}}[$__rate_interval]))", "steps/s")],
+             unit="none", thr=NO_THRESHOLDS, description="Average over ranks."),
+        stat("Since last step", [target(f"time() - max(training_last_progress_timestamp_seconds{{{s}}})", "age")],
+             unit="s", thr=thresholds((60, "orange"), (300, "red"))),
+        stat("Step time spread", [target(f"max({step_time}) / min({step_time})", "slowest / fastest")],
+             unit="none", thr=thresholds((1.2, "orange"), (1.5, "red")),
+             description="Slowest rank's mean step time over the fastest's: a straggler shows here."),
+        stat("CUDA OOMs (time range)", [
+            target(f"sum(increase(training_cuda_oom_total{{{s}}}[$__range]))", "OOMs"),
+        ], unit="none", thr=ERROR_THRESHOLDS),
+        stat("Non-finite losses (time range)", [
+            target(f"sum(increase(training_nonfinite_loss_total{{{s}}}[$__range]))", "NaN/Inf"),
+        ], unit="none", thr=ERROR_THRESHOLDS),
+        row("Step time and throughput"),
+        timeseries("Step time per rank", [target(step_time, "rank {{rank}}")], unit="s", minimum=0,
+                   thr=NO_THRESHOLDS, description="Mean wall time per step; a straggler rank stands out."),
+        timeseries("Compute and data wait per rank", [
+            target(f"rate(training_compute_seconds_total{{{s}}}[$__rate_interval])", "compute rank {{rank}}"),
+            target(f"rate(training_data_wait_seconds_total{{{s}}}[$__rate_interval])", "data wait rank {{rank}}"),
+        ], unit="percentunit", minimum=0, thr=thresholds((0.2, "orange")),
+            description="Share of wall time computing vs waiting for the next batch."),
+        timeseries("Throughput", [
+            target(f"sum(training_samples_per_second{{{s}}})", "samples/s (hook average)"),
+            target(f"sum(rate(training_samples_total{{{s}}}[$__rate_interval]))", "samples/s"),
+        ], unit="short", minimum=0, thr=NO_THRESHOLDS),
+        timeseries("Loss", [target(f"training_loss{{{s}}}", "rank {{rank}}")], unit="none", thr=NO_THRESHOLDS),
+        row("Memory"),
+        timeseries("Allocator memory against card memory", [
+            target(f"training_cuda_memory_allocated_bytes{{{s}}}", "allocated rank {{rank}}"),
+            target(f"training_cuda_memory_reserved_bytes{{{s}}}", "reserved rank {{rank}}"),
+            target(f"training_cuda_memory_max_allocated_bytes{{{s}}}", "peak allocated rank {{rank}}"),
+            target(f"gpu_memory_total_bytes and on (host, gpu) {job_gpus}", "card {{host}} gpu {{gpu}}"),
+        ], unit="bytes", minimum=0, thr=NO_THRESHOLDS, w=16,
+            description="PyTorch caching allocator per rank against the memory of the cards the job runs on. "
+                        "OOMs are marked as annotations."),
+        timeseries("Allocator retries", [
+            target(f"sum by (rank) (increase(training_cuda_alloc_retries_total{{{s}}}[$__rate_interval]))",
+                   "rank {{rank}}"),
+        ], unit="none", minimum=0, thr=thresholds((1, "orange")), w=8,
+            description="Cache flush and retry: the allocator is close to running out."),
+        row("Authentication"),
+        timeseries("Auth failures", [
+            target(f"sum by (service, status_code) (increase(training_auth_failures_total{{{s}}}"
+                   "[$__rate_interval]))", "{{service}} {{status_code}}"),
+        ], unit="none", minimum=0, thr=ERROR_THRESHOLDS),
+        timeseries("Token time to expiry", [
+            target(f"min by (service) (training_token_expiry_timestamp_seconds{{{s}}}) - time()", "{{service}}"),
+        ], unit="s", thr=thresholds((300, "orange"), (3600, "green"), base="red")),
+        row("GPUs"),
+        table("GPUs the job runs on", [
+            target(f"sum by (host, gpu, rank, pid) ({job_gpus})", table=True),
+        ], unit="bytes", thr=NO_THRESHOLDS, links=[ROW_GPU_LINK], w=10,
+            description="Value: GPU memory of the rank's process. Click a row for the GPU detail dashboard."),
+        timeseries("Utilization of the job's GPUs", [
+            target(f'gpu_utilization_ratio{{host=~"$host"}} and on (host, gpu) {job_gpus}', GPU_LEGEND),
+        ], unit="percentunit", minimum=0, maximum=1, thr=thresholds((0.3, "green"), base="orange"), w=14,
+            links=[SERIES_GPU_LINK]),
+    ]
+    variables = [
+        query_var("training_job", "Training job", "label_values(training_info, training_job)",
+                  multi=False, include_all=False),
+        query_var("host", "Host", 'label_values(training_info{training_job=~"$training_job"}, host)',
+                  multi=True, include_all=True),
+        query_var("rank", "Rank", 'label_values(training_info{training_job=~"$training_job", host=~"$host"}, rank)',
+                  multi=True, include_all=True),
+    ]
+    oom: Json = {
+        "name": "CUDA OOM",
+        "datasource": DATASOURCE,
+        "enable": True,
+        "hide": False,
+        "iconColor": "red",
+        "expr": f"increase(training_cuda_oom_total{{{s}}}[$__rate_interval]) > 0",
+        "step": "$__rate_interval",
+        "titleFormat": "CUDA out of memory",
+        "tagKeys": "host,rank",
+        "textFormat": "rank {{rank}} on {{host}}",
+    }
+    return dashboard(TRAINING_UID, "Training job", "One training job across its ranks.", variables, panels,
+                     annotations=[oom])
+
+
+# File name (in dashboards/) -> builder. The provisioning provider loads every *.json in the folder.
+DASHBOARDS = {
+    "fleet.json": fleet,
+    "gpu-detail.json": gpu_detail,
+    "training-job.json": training_job,
+}
