@@ -1,0 +1,159 @@
+"""``gpu-exporter`` / ``python -m exporter``: settings → reader, poller, collectors, app → uvicorn.
+
+``build()`` is the one place where the parts are wired together; each feature adds its enricher,
+collector source, router or closer there with a small edit. ``main()`` owns the process: validated
+settings (exit 2 with a message on bad input), logging, graceful shutdown on SIGTERM/SIGINT (the server
+drains, then the poller stops and NVML is closed) and exit status 0.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import logging
+import signal
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from exporter.config import ConfigError, Settings, load_settings, log_level_number
+
+log = logging.getLogger("exporter")
+
+
+@dataclass
+class Runtime:
+    """Everything ``build()`` made; ``close()`` undoes it (in reverse order)."""
+
+    settings: Settings
+    poller: Any  # exporter.poller.Poller (imported lazily so --help stays fast)
+    app: Any  # fastapi.FastAPI
+    simulator: Any | None = None
+    closers: list[Callable[[], None]] = field(default_factory=list)
+
+    def close(self) -> None:
+        self.poller.stop()
+        for closer in reversed(self.closers):
+            try:
+                closer()
+            except Exception:
+                log.exception("error while shutting down %s", getattr(closer, "__qualname__", closer))
+
+
+def _nvml_library_version() -> str:
+    try:
+        return f"nvidia-ml-py {importlib.metadata.version('nvidia-ml-py')}"
+    except importlib.metadata.PackageNotFoundError:
+        return "nvidia-ml-py unknown"
+
+
+def build(settings: Settings) -> Runtime:
+    """Wire reader → poller (+ enrichers) → collectors → app. Raises ConfigError on a bad scenario."""
+    from fastapi import APIRouter
+
+    from exporter.app import create_app
+    from exporter.exposition import Source
+    from exporter.poller import Enricher, Poller
+
+    simulator = None
+    nvml_library = _nvml_library_version()
+    if settings.simulate:
+        # Before the reader: the simulator replaces the NVML library beneath pynvml's wrappers.
+        from exporter.simulate import ScenarioError, install, load_scenario
+
+        try:
+            scenario = load_scenario(settings.simulate)
+        except ScenarioError as exc:
+            raise ConfigError(f"--simulate {settings.simulate!r}: {exc}") from None
+        simulator = install(scenario)
+        nvml_library = "simulated"
+
+    from exporter.collectors.gpu import GpuCollector
+    from exporter.nvml import NvmlReader
+
+    reader = NvmlReader(settings.host_label)
+    closers: list[Callable[[], None]] = [reader.close]
+    enrichers: list[Enricher] = []
+    poller = Poller(reader, settings.interval, enrichers)
+    collectors: list[Source] = [
+        Source("gpu", GpuCollector(lambda: poller.latest), generation=lambda: poller.generation),
+    ]
+    routers: list[APIRouter] = []
+    status_sections: dict[str, Callable[[], Any]] = {}
+
+    # -- Features wire themselves in here: poller.enrichers.append(...), collectors.append(Source(...)),
+    # -- routers.append(...), closers.append(...), status_sections["name"] = ...
+
+    app = create_app(
+        poller,
+        host=settings.host_label,
+        collectors=collectors,
+        routers=routers,
+        simulator=simulator,
+        settings_summary=settings.summary(),
+        status_sections=status_sections,
+        nvml_library=nvml_library,
+    )
+    return Runtime(settings=settings, poller=poller, app=app, simulator=simulator, closers=closers)
+
+
+def serve(runtime: Runtime) -> int:
+    """Run the poller and the HTTP server until SIGTERM/SIGINT; return the exit status."""
+    import uvicorn
+
+    settings = runtime.settings
+    host, port = settings.listen
+    config = uvicorn.Config(
+        runtime.app,
+        host=host,
+        port=port,
+        log_config=None,  # our logging.basicConfig applies
+        access_log=False,  # a line per scrape is noise and CPU
+        server_header=False,
+        lifespan="off",
+        timeout_graceful_shutdown=5,
+    )
+    server = uvicorn.Server(config)
+    stopped_by: list[int] = []
+    # uvicorn re-raises the signal it shut down on after restoring these handlers: record it instead
+    # of dying from it, so cleanup below runs and the exit status is 0.
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda signum, _frame: stopped_by.append(signum))
+    runtime.poller.start()
+    log.info(
+        "serving on %s (interval %.3gs%s); scrape %s/metrics",
+        settings.summary()["listen"],
+        settings.interval,
+        f", simulating {settings.simulate}" if settings.simulate else "",
+        settings.listen_url,
+    )
+    try:
+        server.run()
+    finally:
+        runtime.close()
+    if not server.started:
+        log.error("could not serve on %s", settings.summary()["listen"])
+        return 1
+    log.info("stopped%s", f" on signal {signal.Signals(stopped_by[0]).name}" if stopped_by else "")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        settings = load_settings(argv)
+    except ConfigError as exc:
+        print(f"gpu-exporter: error: {exc}", file=sys.stderr)
+        return 2
+    logging.basicConfig(
+        level=log_level_number(settings.log_level),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        runtime = build(settings)
+    except ConfigError as exc:
+        print(f"gpu-exporter: error: {exc}", file=sys.stderr)
+        return 2
+    try:
+        return serve(runtime)
+    except SystemExit as exc:  # uvicorn exits this way when it cannot bind
+        return int(exc.code) if isinstance(exc.code, int) else 1
