@@ -20,6 +20,7 @@ import errno
 import logging
 import os
 import re
+import stat
 import threading
 import time
 from collections import OrderedDict
@@ -193,7 +194,7 @@ class ContainerAttributor:
     """The Poller enricher that fills ``GpuProcess.container`` (call it with a NodeSnapshot).
 
     ``engine`` is anything with ``inspect(id) -> dict | None`` and ``ping()``, both raising
-    DockerUnavailable (tests pass fakes); ``proc_root`` is where host ``/proc`` is visible (``/host/proc`` when mounted there).
+    DockerUnavailable (tests pass fakes), or None for container ids alone; ``proc_root`` is where host ``/proc`` is visible (``/host/proc`` when mounted there).
     """
 
     def __init__(
@@ -207,7 +208,8 @@ class ContainerAttributor:
         max_entries: int = 1024,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        self.engine = engine if engine is not None else DockerEngine()
+        # None: id-only attribution from the cgroup (no engine to ask, e.g. a containerd-only node).
+        self.engine = engine
         self.proc_root = Path(proc_root)
         self.cache_ttl_seconds = cache_ttl_seconds
         self.negative_ttl_seconds = negative_ttl_seconds
@@ -268,6 +270,8 @@ class ContainerAttributor:
     # -- the engine, behind the cache ---------------------------------------------------------------
 
     def lookup(self, container_id: str) -> ContainerInfo:
+        if self.engine is None:
+            return ContainerInfo(id=container_id, name="", image="")
         now = self._clock()
         with self._lock:
             cached = self._cache.get(container_id)
@@ -295,6 +299,8 @@ class ContainerAttributor:
     def _check_engine(self) -> None:
         """Ping the engine when its state is unknown, down (after retry_seconds) or not heard from for
         ``health_seconds``: docker_up must tell the truth even when every lookup is a cache hit."""
+        if self.engine is None:
+            return
         now = self._clock()
         with self._lock:
             due = (
@@ -346,10 +352,10 @@ class ContainerAttributor:
 DOCKER_MODES = ("auto", "on", "off")
 
 
-def docker_enabled(mode: str, docker_host: str | None, importable: Iterable[str] = ("docker",)) -> bool:
-    """Decide whether attribution runs. ``auto``: when the SDK is installed and the engine's socket
-    exists (or a non-unix DOCKER_HOST is given), so hosts without Docker see no errors; ``on``:
-    always (a missing engine then shows as docker_up 0); ``off``: never."""
+def engine_wanted(mode: str, docker_host: str | None, importable: Iterable[str] = ("docker",)) -> bool:
+    """Whether to ask the Docker engine. ``auto``: when the SDK is installed and the engine's socket
+    exists (or a non-unix DOCKER_HOST is given), so hosts without Docker (containerd-only Kubernetes
+    nodes) see no errors; ``on``: always (a missing engine then shows as docker_up 0); ``off``: never."""
     if mode not in DOCKER_MODES:
         raise ValueError(f"docker mode must be one of {', '.join(DOCKER_MODES)}, not {mode!r}")
     if mode == "off":
@@ -359,13 +365,18 @@ def docker_enabled(mode: str, docker_host: str | None, importable: Iterable[str]
     import importlib.util
 
     if any(importlib.util.find_spec(name) is None for name in importable):
-        log.info("container attribution off: the docker package is not installed (--docker auto)")
+        log.info("Docker lookups off: the docker package is not installed (--docker auto)")
         return False
     url = docker_host or os.environ.get("DOCKER_HOST") or DEFAULT_DOCKER_HOST
     if url.startswith("unix://"):
         path = url[len("unix://"):]
-        if not os.path.exists(path):
-            log.info("container attribution off: no Docker socket at %s (--docker auto)", path)
+        try:
+            is_socket = stat.S_ISSOCK(os.stat(path).st_mode)
+        except OSError:
+            is_socket = False
+        if not is_socket:
+            # A hostPath mount of a missing socket shows up as an empty directory: not a socket either.
+            log.info("Docker lookups off: no Docker socket at %s (--docker auto)", path)
             return False
     return True
 
@@ -373,9 +384,16 @@ def docker_enabled(mode: str, docker_host: str | None, importable: Iterable[str]
 def build_attributor(
     mode: str, docker_host: str | None = None, proc_root: str = "/proc"
 ) -> ContainerAttributor | None:
-    """The enricher for the given settings, or None when attribution is off."""
-    if not docker_enabled(mode, docker_host):
+    """The enricher for the given settings, or None when attribution is off (``--docker off``).
+
+    Without an engine to ask (auto, and no socket) processes still get their container id from the
+    cgroup: on containerd nodes it joins with kube-state-metrics' ``kube_pod_container_info``.
+    """
+    if mode == "off":
         return None
-    attributor = ContainerAttributor(engine=DockerEngine(docker_host), proc_root=proc_root)
-    log.info("container attribution on (Docker engine at %s)", attributor.engine.base_url)
-    return attributor
+    engine = DockerEngine(docker_host) if engine_wanted(mode, docker_host) else None
+    if engine is not None:
+        log.info("container attribution on (Docker engine at %s)", engine.base_url)
+    else:
+        log.info("container attribution on, container ids only (no Docker engine)")
+    return ContainerAttributor(engine=engine, proc_root=proc_root)

@@ -7,6 +7,7 @@ every branch (not found, daemon gone, permission denied, recovery) is reached de
 from __future__ import annotations
 
 import logging
+import socket
 from pathlib import Path
 from typing import Any
 
@@ -18,9 +19,10 @@ from exporter.containers import (
     ContainerAttributor,
     DockerEngine,
     DockerUnavailable,
+    build_attributor,
     classify_error,
     container_id_from_cgroup,
-    docker_enabled,
+    engine_wanted,
 )
 from exporter.snapshot import ContainerInfo, GpuProcess, GpuSample, NodeSnapshot
 
@@ -303,15 +305,32 @@ def test_classify_error() -> None:
     assert classify_error(ValueError("odd")) == "unknown"
 
 
-def test_docker_enabled_modes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_engine_wanted_modes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("DOCKER_HOST", raising=False)
-    sock = tmp_path / "d.sock"
-    assert docker_enabled("off", f"unix://{sock}") is False
-    assert docker_enabled("on", f"unix://{sock}") is True
-    assert docker_enabled("auto", f"unix://{sock}") is False  # no socket: quietly off
-    sock.touch()
-    assert docker_enabled("auto", f"unix://{sock}") is True
-    assert docker_enabled("auto", f"unix://{sock}", importable=("no_such_module_xyz",)) is False
-    assert docker_enabled("auto", "tcp://10.0.0.1:2375") is True
+    path = tmp_path / "d.sock"
+    assert engine_wanted("off", f"unix://{path}") is False
+    assert engine_wanted("on", f"unix://{path}") is True
+    assert engine_wanted("auto", f"unix://{path}") is False  # no socket: quietly off
+    path.mkdir()  # what a hostPath mount of a missing socket looks like
+    assert engine_wanted("auto", f"unix://{path}") is False
+    path.rmdir()
+    sock = socket.socket(socket.AF_UNIX)
+    sock.bind(str(path))
+    try:
+        assert engine_wanted("auto", f"unix://{path}") is True
+        assert engine_wanted("auto", f"unix://{path}", importable=("no_such_module_xyz",)) is False
+    finally:
+        sock.close()
+    assert engine_wanted("auto", "tcp://10.0.0.1:2375") is True
     with pytest.raises(ValueError, match="auto, on, off"):
-        docker_enabled("sometimes", None)
+        engine_wanted("sometimes", None)
+
+
+def test_build_attributor_without_engine_gives_ids(tmp_path: Path) -> None:
+    assert build_attributor("off") is None
+    att = build_attributor("auto", f"unix://{tmp_path}/none.sock", proc_root=str(fake_proc(
+        tmp_path / "proc", {100: f"0::/kubepods.slice/cri-containerd-{CID}.scope\n"}
+    )))
+    assert att is not None and att.engine is None
+    assert containers(att(snapshot_with(100)))[100] == ContainerInfo(id=CID, name="", image="")
+    assert att.stats().up is None  # never asked: no docker_up series
