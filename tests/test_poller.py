@@ -1,0 +1,170 @@
+"""Poller and exposition cache, in-process with a small test reader (the real NVML path is covered by
+the HTTP tests, which run ``python -m exporter --simulate``)."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+
+from prometheus_client.core import GaugeMetricFamily, Metric
+from support import parse_metrics, wait_until
+
+from exporter.collectors.exporter_health import ExporterHealthCollector
+from exporter.exposition import OPENMETRICS, TEXT, Exposition, Source, negotiate
+from exporter.poller import Poller
+from exporter.snapshot import GpuSample, NodeSnapshot
+
+
+class StepReader:
+    """Returns a new snapshot per read; ``gate`` (when set) makes read() block like a hung driver."""
+
+    def __init__(self) -> None:
+        self.reads = 0
+        self.gate: threading.Event | None = None
+        self.nvml_up = True
+        self.lost: set[int] = set()
+
+    def read(self) -> NodeSnapshot:
+        if self.gate is not None:
+            self.gate.wait(10)
+        self.reads += 1
+        gpus = tuple(
+            GpuSample(index=i, uuid=f"GPU-{i}", up=i not in self.lost, error="gpu_lost" if i in self.lost else None)
+            for i in range(2)
+        )
+        return NodeSnapshot(host="h", timestamp_seconds=time.time(), nvml_up=self.nvml_up, gpus=gpus)
+
+
+class CountingCollector:
+    def __init__(self, poller: Poller) -> None:
+        self.poller = poller
+        self.renders = 0
+
+    def collect(self) -> Iterator[Metric]:
+        self.renders += 1
+        g = GaugeMetricFamily("gpu_test_reads", "reads so far", labels=["host"])
+        snap = self.poller.latest
+        g.add_metric(["h"], float(self.poller.generation if snap else -1))
+        yield g
+
+
+def test_enrichers_run_and_a_failing_one_is_counted() -> None:
+    def tag(snap: NodeSnapshot) -> NodeSnapshot:
+        return NodeSnapshot(host="enriched", timestamp_seconds=snap.timestamp_seconds, nvml_up=True)
+
+    def boom(snap: NodeSnapshot) -> NodeSnapshot:
+        raise RuntimeError("docker down")
+
+    poller = Poller(StepReader(), 60, enrichers=[tag, boom])
+    snap = poller.poll_once()
+    assert snap.host == "enriched"  # the good enricher's result is kept, the failing one skipped
+    assert poller.latest is snap
+    assert poller.stats.errors_total == {"enricher": 1}
+    assert poller.generation == 1
+
+
+def test_error_kinds_counted_from_snapshot() -> None:
+    reader = StepReader()
+    reader.nvml_up = False
+    reader.lost = {1}
+    poller = Poller(reader, 60)
+    poller.poll_once()
+    poller.poll_once()
+    assert poller.stats.errors_total == {"nvml_init": 2, "gpu_lost": 2}
+    assert poller.stats.polls_total == 2
+
+
+def test_hung_read_keeps_serving_the_previous_snapshot() -> None:
+    reader = StepReader()
+    poller = Poller(reader, 0.01)
+    exposition = Exposition([Source("test", CountingCollector(poller), generation=lambda: poller.generation)])
+    health = ExporterHealthCollector(poller, "h", "test", sources=lambda: exposition.sources)
+    exposition.add(Source("exporter", health))
+    poller.start()
+    try:
+        assert poller.wait_first(5)
+        reader.gate = threading.Event()  # the next read blocks
+        wait_until(lambda: poller.stats.in_progress_since is not None, timeout=5, message="a blocked poll")
+        generation = poller.generation
+        started = time.monotonic()
+        body = exposition.render(TEXT).decode()
+        assert time.monotonic() - started < 1.0  # did not wait for the hung read
+        samples = parse_metrics(body)
+        assert samples["gpu_test_reads"][0][1] == generation
+        assert samples["gpu_exporter_snapshot_age_seconds"][0][1] >= 0
+        # The age grows while the poll hangs.
+        first_age = samples["gpu_exporter_snapshot_age_seconds"][0][1]
+        wait_until(
+            lambda: parse_metrics(exposition.render(TEXT).decode())["gpu_exporter_snapshot_age_seconds"][0][1]
+            > first_age + 0.05,
+            timeout=5,
+            message="snapshot age to grow",
+        )
+        reader.gate.set()
+        wait_until(lambda: poller.generation > generation, timeout=5, message="poll after the hang")
+    finally:
+        if reader.gate:
+            reader.gate.set()
+        poller.stop()
+
+
+def test_render_is_cached_per_generation_and_format() -> None:
+    poller = Poller(StepReader(), 60)
+    collector = CountingCollector(poller)
+    exposition = Exposition([Source("test", collector, generation=lambda: poller.generation)])
+    poller.poll_once()
+    a = exposition.render(TEXT)
+    assert exposition.render(TEXT) is a  # single source: the same cached bytes object
+    assert collector.renders == 1
+    om = exposition.render(OPENMETRICS)
+    assert om.endswith(b"# EOF\n") and om.count(b"# EOF") == 1
+    assert collector.renders == 2
+    poller.poll_once()
+    assert exposition.render(TEXT) != a
+    assert collector.renders == 3
+
+
+def test_failing_collector_reports_success_zero_and_others_render() -> None:
+    class Broken:
+        def collect(self) -> Iterator[Metric]:
+            raise RuntimeError("bad data")
+
+    poller = Poller(StepReader(), 60)
+    exposition = Exposition(
+        [Source("broken", Broken(), generation=lambda: poller.generation), Source("ok", CountingCollector(poller))]
+    )
+    exposition.add(
+        Source("exporter", ExporterHealthCollector(poller, "h", "test", sources=lambda: exposition.sources))
+    )
+    poller.poll_once()
+    samples = parse_metrics(exposition.render(TEXT).decode())
+    success = {labels["collector"]: v for labels, v in samples["gpu_exporter_collector_success"]}
+    assert success == {"broken": 0.0, "ok": 1.0}
+    assert "gpu_test_reads" in samples
+    assert samples["gpu_exporter_nvml_up"][0][1] == 1.0
+    assert samples["gpu_exporter_polls_total"][0][1] == 1.0
+
+
+def test_poll_now_skips_the_wait() -> None:
+    reader = StepReader()
+    poller = Poller(reader, 3600)
+    poller.start()
+    try:
+        assert poller.wait_first(5)
+        poller.poll_now()
+        wait_until(lambda: reader.reads >= 2, timeout=5, message="an immediate second poll")
+    finally:
+        poller.stop()
+
+
+def test_negotiation() -> None:
+    prometheus = (
+        "application/openmetrics-text;version=1.0.0,application/openmetrics-text;version=0.0.1;q=0.75,"
+        "text/plain;version=0.0.4;q=0.5,*/*;q=0.1"
+    )
+    assert negotiate(prometheus) == OPENMETRICS
+    assert negotiate("application/openmetrics-text") == OPENMETRICS
+    assert negotiate("text/plain") == TEXT
+    assert negotiate(None) == TEXT
+    assert negotiate("application/openmetrics-text;q=0,text/plain") == TEXT
