@@ -84,6 +84,22 @@ def build(settings: Settings) -> Runtime:
     # -- Features wire themselves in here: poller.enrichers.append(...), collectors.append(Source(...)),
     # -- routers.append(...), closers.append(...), status_sections["name"] = ...
 
+    from exporter.containers import build_attributor
+
+    attributor = build_attributor(settings.docker, settings.docker_host, settings.proc_root)
+    if attributor is not None:
+        from exporter.collectors.containers import DockerCollector
+
+        poller.enrichers.append(attributor)
+        closers.append(attributor.close)
+        collectors.append(
+            Source(
+                "docker",
+                DockerCollector(attributor.stats, settings.host_label),
+                generation=lambda: poller.generation,
+            )
+        )
+
     app = create_app(
         poller,
         host=settings.host_label,

@@ -98,6 +98,13 @@ def parse_str(raw: str) -> str:
     return value
 
 
+def parse_docker_mode(raw: str) -> str:
+    mode = raw.strip().lower()
+    if mode not in ("auto", "on", "off"):
+        raise ValueError("expected auto, on or off")
+    return mode
+
+
 def setting(
     default: Any,
     help: str,
@@ -138,6 +145,20 @@ class Settings:
         default_factory=socket.gethostname,
     )
     log_level: str = setting("info", f"logging level: {', '.join(LOG_LEVELS)}", parse_log_level, "LEVEL")
+    docker: str = setting(
+        "auto",
+        "container attribution via the Docker engine: auto (when its socket exists), on, off "
+        "(auto without a socket still labels container ids from the cgroup)",
+        parse_docker_mode,
+        "auto|on|off",
+    )
+    docker_host: str | None = setting(
+        None, "Docker engine URL (default: DOCKER_HOST, else unix:///var/run/docker.sock)",
+        parse_optional_str, "URL",
+    )
+    proc_root: str = setting(
+        "/proc", "where the host's /proc is visible (e.g. /host/proc when mounted there)", parse_str, "PATH"
+    )
 
     @property
     def listen_url(self) -> str:
