@@ -20,6 +20,9 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse
+
 from exporter.hook.schema import (
     COUNTERS,
     GAUGES,
@@ -215,12 +218,16 @@ def _own_pid_namespace() -> int | None:
         return None
 
 
-def _namespace_of(host_pid: int) -> tuple[int, int] | None:
-    """(pid-namespace inode, PID inside that namespace) of a host PID, from /proc; None if unknown."""
+def namespace_of(host_pid: int, proc_root: str = "/proc") -> tuple[int, int] | None:
+    """(pid-namespace inode, PID inside that namespace) of a host PID, from /proc; None if unknown.
+
+    ``NSpid`` lists the PID in every namespace from the host's down to the process's own: the last
+    entry is what the process itself (and so the hook) sees as its PID.
+    """
     try:
-        link = os.readlink(f"/proc/{host_pid}/ns/pid")
+        link = os.readlink(f"{proc_root}/{host_pid}/ns/pid")
         inode = int(link[link.index("[") + 1 : link.index("]")])
-        with open(f"/proc/{host_pid}/status", encoding="utf-8") as fh:
+        with open(f"{proc_root}/{host_pid}/status", encoding="utf-8") as fh:
             for line in fh:
                 if line.startswith("NSpid:"):
                     return inode, int(line.split()[-1])
@@ -240,7 +247,7 @@ class IngestStore:
         ttl_seconds: float = DEFAULT_TTL_SECONDS,
         max_processes: int = DEFAULT_MAX_PROCESSES,
         clock: Callable[[], float] = time.time,
-        namespace_of: Callable[[int], tuple[int, int] | None] = _namespace_of,
+        namespace_of: Callable[[int], tuple[int, int] | None] = namespace_of,
     ) -> None:
         self.ttl_seconds = float(ttl_seconds)
         self.max_processes = int(max_processes)
@@ -364,7 +371,7 @@ class IngestStore:
 
 def make_ingest_router(
     store: IngestStore, dependencies: Sequence[Any] = (), max_body_bytes: int = MAX_BODY_BYTES
-) -> Any:
+) -> APIRouter:
     """FastAPI router with POST /api/v1/training.
 
     ``dependencies`` (e.g. ``[Depends(require_bearer_token)]``) run before the body is read: the
@@ -372,9 +379,6 @@ def make_ingest_router(
     Answers 202 (accepted or stale), 400 (not JSON), 413 (too large), 422 (schema, with the field),
     429 (too many processes tracked).
     """
-    from fastapi import APIRouter, Request
-    from fastapi.responses import JSONResponse
-
     router = APIRouter(dependencies=list(dependencies))
 
     @router.post(INGEST_PATH, status_code=202)

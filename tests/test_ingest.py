@@ -1,0 +1,313 @@
+"""exporter.ingest: validation, the store (stale pushes, restarts, TTL, cardinality), the PID join, the
+training collector's exposition, and the router served by a real uvicorn on loopback."""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from prometheus_client import generate_latest
+from prometheus_client.registry import CollectorRegistry
+from support import free_port, http_get, http_post_json, parse_metrics, wait_until
+
+from exporter.collectors.training import TrainingCollector
+from exporter.hook.monitor import Monitor
+from exporter.hook.schema import INGEST_PATH
+from exporter.ingest import IngestError, IngestStore, make_ingest_router, parse_body, validate_report
+from exporter.snapshot import GpuProcess, GpuSample, NodeSnapshot
+
+
+def payload(**over: Any) -> dict[str, Any]:
+    """A push as the real hook builds it (a few steps recorded), with overrides."""
+    mon = Monitor("job-a", rank=1, local_rank=1, world_size=2)
+    for _ in range(3):
+        mon.step_begin()
+        mon.data_ready()
+        mon.step_end(samples=8, tokens=100)
+    mon.observe_loss(0.5)
+    mon.record_auth_failure("hf_hub", 401)
+    mon.set_token_expiry("hf_hub", 2_000_000_000)
+    mon.set_api_quota("openai", 10, 100)
+    doc = mon.build_payload()
+    for key, value in over.items():
+        doc[key] = value
+    return doc
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1_000_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def render(store: IngestStore, host: str = "node1") -> dict[str, list[tuple[dict[str, str], float]]]:
+    reg = CollectorRegistry()
+    reg.register(TrainingCollector(store, host))
+    return parse_metrics(generate_latest(reg).decode())
+
+
+# ------------------------------------------------------------------------------------------ validation
+def test_hook_payload_round_trips_through_validation() -> None:
+    report = validate_report(json.loads(json.dumps(payload())))
+    assert report.training_job == "job-a" and report.rank == "1" and report.world_size == "2"
+    assert report.counters["steps"] == 3 and report.counters["samples"] == 24
+    assert report.gauges["loss"] == 0.5
+    assert report.auth_failures == {("hf_hub", "401"): 1}
+    assert report.api_quota == {"openai": (10.0, 100.0)}
+
+
+def test_nan_loss_is_accepted_but_nan_elsewhere_is_not() -> None:
+    doc = payload()
+    doc["gauges"]["loss"] = float("nan")
+    assert validate_report(json.loads(json.dumps(doc))).gauges["loss"] != 0.0
+    doc["gauges"]["last_step_duration_seconds"] = float("inf")
+    with pytest.raises(IngestError, match=r"gauges.last_step_duration_seconds: expected a finite number"):
+        validate_report(json.loads(json.dumps(doc)))
+
+
+@pytest.mark.parametrize(
+    ("mutate", "message"),
+    [
+        (lambda d: d.update(schema=2), "schema: expected 1"),
+        (lambda d: d.update(extra=1), "unknown field"),
+        (lambda d: d["counters"].update(steps=-1), "counters.steps: expected a non-negative number"),
+        (lambda d: d["counters"].update(steps="3"), "counters.steps: expected a number"),
+        (lambda d: d["counters"].update(bogus=1), "unknown counter 'bogus'"),
+        (lambda d: d["gauges"].update(bogus=1), "unknown gauge 'bogus'"),
+        (lambda d: d["identity"].update(pid=0), "identity.pid"),
+        (lambda d: d["identity"].update(training_job=""), "identity.training_job: must not be empty"),
+        (lambda d: d["identity"].update(rank="x" * 500), "identity.rank: longer than 128"),
+        (lambda d: d.update(seq=True), "seq"),
+        (lambda d: d.update(auth_failures={}), "auth_failures: expected a list"),
+        (lambda d: d.update(token_expiry={f"s{i}": 1 for i in range(40)}), "more than 32 entries"),
+    ],
+)
+def test_schema_errors_name_the_field(mutate: Any, message: str) -> None:
+    doc = copy.deepcopy(payload())
+    mutate(doc)
+    with pytest.raises(IngestError, match=message) as info:
+        validate_report(doc)
+    assert info.value.status == 422
+
+
+def test_body_limits() -> None:
+    with pytest.raises(IngestError) as info:
+        parse_body(b"{" * 70_000)
+    assert info.value.status == 413 and info.value.reason == "too_large"
+    with pytest.raises(IngestError) as info:
+        parse_body(b"not json")
+    assert info.value.status == 400
+
+
+# ---------------------------------------------------------------------------------------------- store
+def test_store_drops_reordered_pushes_and_replaces_restarted_process() -> None:
+    clock = FakeClock()
+    store = IngestStore(clock=clock)
+    base = payload()
+    newer = validate_report({**base, "seq": 5})
+    older = validate_report({**base, "seq": 4})
+    assert store.submit(newer) == "accepted"
+    assert store.submit(older) == "stale"
+    assert store.submit(newer) == "stale"  # a repeated push changes nothing
+    assert store.processes()[0].report.seq == 5
+    restarted = copy.deepcopy({**base, "seq": 1})
+    restarted["process_start_time"] += 10
+    restarted["counters"]["steps"] = 1
+    assert store.submit(validate_report(restarted)) == "accepted"
+    assert [p.report.counters["steps"] for p in store.processes()] == [1]
+
+
+def test_store_ttl_keeps_then_expires() -> None:
+    clock = FakeClock()
+    store = IngestStore(ttl_seconds=60, clock=clock)
+    store.submit(validate_report(payload()))
+    clock.now += 59
+    assert len(store.processes()) == 1
+    assert render(store)["training_last_seen_timestamp_seconds"][0][1] == 1_000_000.0
+    gen = store.generation
+    clock.now += 2
+    assert store.processes() == []
+    assert store.generation > gen
+    assert "training_steps_total" not in render(store)
+
+
+def test_store_cardinality_limit() -> None:
+    store = IngestStore(max_processes=1)
+    doc = payload()
+    store.submit(validate_report(doc))
+    other = copy.deepcopy(doc)
+    other["identity"]["pid"] += 1
+    with pytest.raises(IngestError) as info:
+        store.submit(validate_report(other))
+    assert info.value.reason == "cardinality" and info.value.status == 429
+    assert store.stats()[1] == {"cardinality": 1}
+
+
+# ---------------------------------------------------------------------------------------- collector
+def test_collector_renders_training_series_with_labels() -> None:
+    store = IngestStore()
+    doc = payload()
+    store.submit(validate_report(doc))
+    m = render(store)
+    labels = {
+        "host": "node1",
+        "training_job": "job-a",
+        "rank": "1",
+        "local_rank": "1",
+        "world_size": "2",
+        "pid": str(doc["identity"]["pid"]),
+    }
+    assert m["training_steps_total"] == [(labels, 3.0)]
+    assert m["training_samples_total"] == [(labels, 24.0)]
+    assert m["training_tokens_total"] == [(labels, 300.0)]
+    assert m["training_step_duration_seconds_count"] == [(labels, 3.0)]
+    assert m["training_loss"] == [(labels, 0.5)]
+    assert m["training_auth_failures_total"] == [({**labels, "service": "hf_hub", "status_code": "401"}, 1.0)]
+    assert m["training_token_expiry_timestamp_seconds"] == [({**labels, "service": "hf_hub"}, 2e9)]
+    assert m["training_api_quota_remaining"] == [({**labels, "service": "openai"}, 10.0)]
+    assert m["training_api_quota_limit"] == [({**labels, "service": "openai"}, 100.0)]
+    info = m["training_info"][0][0]
+    assert info["framework"] == "plain" and info["device"] == "cpu"
+    assert m["gpu_exporter_training_processes"] == [({"host": "node1"}, 1.0)]
+    assert ({"host": "node1", "outcome": "accepted"}, 1.0) in m["gpu_exporter_ingest_requests_total"]
+    # Same labels from a different container (another hostname, same PID): one series, newest wins.
+    twin = copy.deepcopy(doc)
+    twin["identity"]["hostname"] = "other-container"
+    twin["counters"]["steps"] = 7
+    store.submit(validate_report(twin))
+    assert render(store)["training_steps_total"] == [(labels, 7.0)]
+
+
+# ------------------------------------------------------------------------------------------ PID join
+def _snapshot(*pids: int) -> NodeSnapshot:
+    procs = tuple(GpuProcess(pid=p, process_type="compute", used_memory_bytes=1 << 30) for p in pids)
+    return NodeSnapshot(host="n", timestamp_seconds=0.0, nvml_up=True, gpus=(GpuSample(0, "GPU-0", processes=procs),))
+
+
+def test_enrich_same_namespace_by_pid() -> None:
+    store = IngestStore()
+    doc = payload()
+    store.submit(validate_report(doc))
+    pid = doc["identity"]["pid"]
+    out = store.enrich(_snapshot(pid, pid + 1))
+    joined, other = out.gpus[0].processes
+    assert (joined.training_job, joined.rank) == ("job-a", "1")
+    assert (other.training_job, other.rank) == (None, None)
+
+
+def test_enrich_other_namespace_via_nspid() -> None:
+    # A training process in a container reports PID 7 in namespace 999; the host sees it as 4242.
+    table = {4242: (999, 7), 4243: (999, 8)}
+    store = IngestStore(namespace_of=table.get)
+    doc = payload()
+    doc["identity"].update(pid=7, pid_namespace_inode=999)
+    store.submit(validate_report(doc))
+    out = store.enrich(_snapshot(4242, 4243, 7))
+    names = [(p.pid, p.training_job) for p in out.gpus[0].processes]
+    # host PID 7 is a different process (our own namespace): it must not match
+    assert names == [(4242, "job-a"), (4243, None), (7, None)]
+
+
+def test_enrich_leaves_snapshot_alone_without_reports() -> None:
+    snap = _snapshot(1, 2)
+    assert IngestStore().enrich(snap) is snap
+
+
+# ------------------------------------------------------------------------------ router over real HTTP
+@contextlib.contextmanager
+def serve(app: Any) -> Iterator[str]:
+    """Run ``app`` on a real uvicorn server on a loopback port; yield its base URL."""
+    import uvicorn
+
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None, lifespan="off"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    wait_until(lambda: server.started, timeout=20, message="uvicorn started")
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(10)
+
+
+@pytest.fixture
+def served_store() -> Iterator[tuple[IngestStore, str]]:
+    from fastapi import FastAPI
+
+    store = IngestStore()
+    app = FastAPI()
+    app.include_router(make_ingest_router(store, max_body_bytes=4096))
+    with serve(app) as base:
+        yield store, base
+
+
+def test_router_accepts_rejects_and_counts(served_store: tuple[IngestStore, str]) -> None:
+    store, base = served_store
+    url = base + INGEST_PATH
+    status, body = http_post_json(url, payload())
+    assert status == 202 and json.loads(body)["status"] == "accepted"
+    bad = payload()
+    bad["counters"]["steps"] = -3
+    status, body = http_post_json(url, bad)
+    assert status == 422 and "counters.steps" in json.loads(body)["error"]
+    big = payload()
+    big["identity"]["training_job"] = "x" * 100
+    big["token_expiry"] = {f"svc{i:03d}-{'y' * 100}": 1.0 for i in range(30)}
+    status, body = http_post_json(url, big)
+    assert status == 413 and json.loads(body)["reason"] == "too_large"
+    status, _ = http_get(url)
+    assert status == 405
+    requests, rejected, tracked = store.stats()
+    assert requests == {"accepted": 1, "rejected": 2}
+    assert rejected == {"schema": 1, "too_large": 1}
+    assert tracked == 1
+
+
+def test_router_takes_dependencies() -> None:
+    """The hardening layer plugs auth / rate limits in as FastAPI dependencies."""
+    from fastapi import Depends, FastAPI, HTTPException
+
+    store = IngestStore()
+
+    def deny() -> None:
+        store.count_rejected("unauthorized")
+        raise HTTPException(status_code=401, detail="no token")
+
+    app = FastAPI()
+    app.include_router(make_ingest_router(store, dependencies=[Depends(deny)]))
+    with serve(app) as base:
+        status, _ = http_post_json(base + INGEST_PATH, payload())
+    assert status == 401
+    assert store.stats()[1] == {"unauthorized": 1}
+    assert store.processes() == []
+
+
+def test_store_is_thread_safe_under_concurrent_pushes() -> None:
+    store = IngestStore()
+    reports = []
+    for i in range(8):
+        doc = payload()
+        doc["identity"]["pid"] = 1000 + i
+        reports.append(doc)
+
+    def push(doc: dict[str, Any]) -> None:
+        for seq in range(1, 200):
+            doc["seq"] = seq
+            store.submit(validate_report(doc))
+
+    threads = [threading.Thread(target=push, args=(copy.deepcopy(d),)) for d in reports]
+    deadline = time.monotonic() + 30
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(max(0.1, deadline - time.monotonic()))
+    assert sorted(p.report.seq for p in store.processes()) == [199] * 8
