@@ -25,7 +25,8 @@ from dashboards.grafana import (
     training_link,
 )
 
-# Utilization below this share on a GPU that holds process memory counts as "idle but allocated".
+# Utilization below this share on a GPU that holds a compute process counts as "idle but allocated"
+# (alerts/thresholds.yml idle_utilization_ratio_max; the panels show now, the alert waits 1 h).
 IDLE_UTILIZATION = 0.05
 
 FLEET_SEL = 'host=~"$host", gpu=~"$gpu"'
@@ -44,7 +45,7 @@ def _idle_allocated(sel: str) -> str:
     """GPUs with process memory but (almost) no SM activity: paid for, doing nothing."""
     return (
         f"(max by (host, gpu) (gpu_utilization_ratio{{{sel}}}) < {IDLE_UTILIZATION})"
-        f" and on (host, gpu) (count by (host, gpu) (gpu_process_memory_used_bytes{{{sel}}}) > 0)"
+        f' and on (host, gpu) (count by (host, gpu) (gpu_process_memory_used_bytes{{{sel}, process_type="compute"}}) > 0)'
     )
 
 
@@ -76,7 +77,7 @@ def fleet() -> Json:
                    links=[SERIES_GPU_LINK], description="SM busy share per GPU."),
         timeseries("Memory used", [
             target(f"gpu_memory_used_bytes{{{s}}} / gpu_memory_total_bytes{{{s}}}", GPU_LEGEND),
-        ], unit="percentunit", minimum=0, maximum=1, thr=thresholds((0.9, "orange"), (0.98, "red")),
+        ], unit="percentunit", minimum=0, maximum=1, thr=thresholds((0.95, "orange"), (0.99, "red")),
             links=[SERIES_GPU_LINK], description="Framebuffer memory used, share of the card."),
         row("Thermals, power and throttling"),
         timeseries("Temperature", [target(f"gpu_temperature_celsius{{{s}}}", GPU_LEGEND)],
