@@ -1,0 +1,180 @@
+"""A small live stack for the dashboards: the exporter on a simulated 8-GPU node, two ranks of the
+sample workload reporting through the hook, and a real Prometheus scraping every second with the
+alert rules loaded; faults are injected so every panel (XID, ECC, OOM, auth failures, idle GPUs,
+firing alerts) has something to show. Used by tests/test_dashboards_live.py and
+scripts/render_dashboards.py.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+from support import (
+    REPO_ROOT,
+    ManagedProcess,
+    free_port,
+    http_get,
+    http_post_json,
+    start_exporter,
+    start_prometheus,
+    wait_until,
+)
+
+sys.path.insert(0, str(REPO_ROOT))
+
+from dashboards.live import Window, empty_queries
+from dashboards.queries import load_dashboards
+
+log = logging.getLogger(__name__)
+
+HOST = "dash-node-1"
+JOB = "dash-multitask"
+SCENARIO = "healthy-8gpu"
+SCRAPE_SECONDS = 1
+# Grafana: $__rate_interval = max($__interval + scrape interval, 4 x scrape interval).
+RATE_INTERVAL = f"{4 * SCRAPE_SECONDS + 1}s"
+FAULT_GPU = "1"  # XID / ECC / remap / throttling land here; the GPU detail dashboard looks at it
+JOB_GPUS = ("1", "2")  # the two ranks' processes are placed on these simulated GPUs
+IDLE_GPU = "2"  # holds rank 1's process but is made idle: "idle but allocated"
+ALERT_RULES = ("alerts/fast/gpu-exporter.rules.yml", "alerts/gpu-exporter.rules.yml")
+WATCHDOG_RULE = """groups:
+  - name: dashboards-live-test
+    rules:
+      - alert: GpuWatchdog
+        expr: vector(1)
+        labels: {severity: info}
+"""
+
+
+class DashboardStack:
+    """Context manager: start everything, inject faults, ``wait_for_data()``, stop everything."""
+
+    def __init__(self, log_dir: Path, steps_delay: float = 0.05) -> None:
+        self.log_dir = log_dir
+        self.steps_delay = steps_delay
+        self.procs: list[ManagedProcess] = []
+        self.exporter = ""
+        self.prometheus = ""
+        self.started = 0.0
+        self.prefer = {"host": HOST, "gpu": FAULT_GPU, "training_job": JOB}
+
+    def __enter__(self) -> DashboardStack:
+        try:
+            self._start()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
+
+    def close(self) -> None:
+        for p in reversed(self.procs):
+            p.stop()
+        self.procs.clear()
+
+    def logs(self) -> str:
+        return "\n".join(f"--- {p.name} (last 3000 chars)\n{p.log()[-3000:]}" for p in self.procs)
+
+    def _start(self) -> None:
+        self.started = time.time()
+        exporter, self.exporter = start_exporter(
+            self.log_dir, "--simulate", SCENARIO, "--interval", "0.5", "--host-label", HOST, "--docker", "off"
+        )
+        self.procs.append(exporter)
+        rule_files = [str(REPO_ROOT / p) for p in ALERT_RULES[:1] if (REPO_ROOT / p).exists()]
+        if not any("GpuWatchdog" in Path(f).read_text() for f in rule_files):
+            (self.log_dir / "watchdog.yml").write_text(WATCHDOG_RULE)
+            rule_files.append(str(self.log_dir / "watchdog.yml"))
+        target = self.exporter.removeprefix("http://")
+        config = {
+            "global": {"scrape_interval": f"{SCRAPE_SECONDS}s", "evaluation_interval": f"{SCRAPE_SECONDS}s"},
+            "rule_files": rule_files,
+            "scrape_configs": [{"job_name": "gpu-exporter", "static_configs": [{"targets": [target]}]}],
+        }
+        prom, self.prometheus = start_prometheus(self.log_dir, json.dumps(config))
+        self.procs.append(prom)
+        self._start_workload()
+        self._inject_gpu_faults()
+
+    def _start_workload(self) -> None:
+        """Two ranks (torchrun-style env, gloo on CPU); rank 1 is a slow straggler; OOM, NaN, auth faults."""
+        port = free_port()
+        for rank in (0, 1):
+            env = {
+                "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2",
+                "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
+                "GPU_EXPORTER_URL": self.exporter, "OMP_NUM_THREADS": "1",
+            }
+            argv = [
+                sys.executable, str(REPO_ROOT / "tests" / "fake_allocator_train.py"),
+                "--steps", "0", "--duration", "600", "--device", "cpu", "--job", JOB,
+                "--push-interval", "0.5", "--step-delay", str(self.steps_delay), "--log-every", "0",
+                "--fault", "oom@15", "--fault", "nan@20:2", "--fault", "auth@8", "--fault", "slow-rank@1:2",
+            ]
+            self.procs.append(ManagedProcess(f"train-rank{rank}", argv, self.log_dir, env=env))
+
+    def _pids(self) -> dict[str, int]:
+        """rank -> host PID of the workload processes, once the exporter has heard from both."""
+        status, body = http_get(f"{self.exporter}/metrics")
+        assert status == 200, body
+        pids = {}
+        for line in body.splitlines():
+            if line.startswith("training_info{") and f'training_job="{JOB}"' in line:
+                labels = dict(part.split("=", 1) for part in line[line.index("{") + 1: line.rindex("}")].split(","))
+                pids[labels["rank"].strip('"')] = int(labels["pid"].strip('"'))
+        return pids if len(pids) == 2 else {}
+
+    def _event(self, event: dict[str, Any]) -> None:
+        status, body = http_post_json(f"{self.exporter}/-/simulate/events", event)
+        assert status == 200, f"simulator refused {event}: {status} {body}"
+
+    def _inject_gpu_faults(self) -> None:
+        """Place the ranks on simulated GPUs (by PID, so the hook's job joins them) and break GPU 1."""
+        pids = wait_until(self._pids, timeout=60, interval=0.5, message="both workload ranks reporting")
+        for rank, gpu in zip(("0", "1"), JOB_GPUS, strict=True):
+            self._event({"gpu": int(gpu), "set": {"processes": [
+                {"pid": pids[rank], "used_memory_bytes": 9 * 2**30, "type": "compute"}]}})
+        self._event({"gpu": int(IDLE_GPU), "set": {"utilization_ratio": 0.0}})
+        self._event({"gpu": int(FAULT_GPU), "xid": 79})
+        self._event({"gpu": int(FAULT_GPU), "add": {"ecc_errors": {"corrected": 3, "uncorrected": 1},
+                                                    "pcie_replay_errors": 5}})
+        self._event({"gpu": int(FAULT_GPU), "set": {"remapped_rows": {"correctable": 1, "uncorrectable": 2},
+                                                    "remapped_rows_pending": True,
+                                                    "clock_events": ["sw_power_cap", "hw_thermal_slowdown"]}})
+
+    def problems(self, window: Window) -> list[str]:
+        """Queries of all three dashboards that return no data in ``window``."""
+        out: list[str] = []
+        for dash in load_dashboards().values():
+            out.extend(empty_queries(self.prometheus, dash, window, self.prefer))
+        return out
+
+    def window(self) -> Window:
+        now = time.time()
+        return Window(self.started, now, 1.0, RATE_INTERVAL)
+
+    def wait_for_data(self, timeout: float = 90.0) -> Window:
+        """Poll until every panel query of every dashboard returns data; fail listing those that do not."""
+        deadline = time.monotonic() + timeout
+        problems: list[str] = []
+        while time.monotonic() < deadline:
+            for p in self.procs:
+                assert p.alive(), f"{p.name} exited:\n{p.log()[-3000:]}"
+            window = self.window()
+            problems = self.problems(window)
+            if not problems:
+                return window
+            time.sleep(2)
+        raise AssertionError(
+            f"{len(problems)} dashboard queries returned no data within {timeout:.0f}s:\n  "
+            + "\n  ".join(problems)
+        )
