@@ -141,15 +141,17 @@ class DashboardStack:
         """Place the ranks on simulated GPUs (by PID, so the hook's job joins them) and break GPU 1."""
         pids = wait_until(self._pids, timeout=60, interval=0.5, message="both workload ranks reporting")
         for rank, gpu in zip(("0", "1"), JOB_GPUS, strict=True):
-            self._event({"gpu": int(gpu), "set": {"processes": [
-                {"pid": pids[rank], "used_memory_bytes": 9 * 2**30, "type": "compute"}]}})
-        self._event({"gpu": int(IDLE_GPU), "set": {"utilization_ratio": 0.0}})
+            self._event({"gpu": int(gpu), "add_process": {"pid": pids[rank], "type": "compute",
+                                                          "used_memory_bytes": "9GiB", "name": "python"}})
+        self._event({"gpu": int(IDLE_GPU), "set": {"utilization_gpu_ratio": 0.0}})
         self._event({"gpu": int(FAULT_GPU), "xid": 79})
-        self._event({"gpu": int(FAULT_GPU), "add": {"ecc_errors": {"corrected": 3, "uncorrected": 1},
-                                                    "pcie_replay_errors": 5}})
-        self._event({"gpu": int(FAULT_GPU), "set": {"remapped_rows": {"correctable": 1, "uncorrectable": 2},
-                                                    "remapped_rows_pending": True,
-                                                    "clock_events": ["sw_power_cap", "hw_thermal_slowdown"]}})
+        self._event({"gpu": int(FAULT_GPU), "add_ecc_errors": {"corrected": 3, "uncorrected": 1}})
+        self._event({"gpu": int(FAULT_GPU), "set": {
+            "pcie_replay_errors": 5,
+            "remapped_rows": {"correctable": 1, "uncorrectable": 2},
+            "remapped_rows_pending": True,
+            "clock_event_reasons": ["sw_power_cap", "hw_thermal_slowdown"],
+        }})
 
     def problems(self, window: Window) -> list[str]:
         """Queries of all three dashboards that return no data in ``window``."""
