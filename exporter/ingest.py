@@ -103,6 +103,11 @@ def _string(value: Any, where: str, *, allow_empty: bool = True) -> str:
         raise _schema_error(f"{where}: expected a string, got {type(value).__name__}")
     if len(value) > MAX_LABEL_LENGTH:
         raise _schema_error(f"{where}: longer than {MAX_LABEL_LENGTH} characters")
+    if not value.isascii():
+        try:  # JSON may carry lone surrogates ("\ud800"); rendering them would fail every scrape
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise _schema_error(f"{where}: not valid Unicode (lone surrogate)") from None
     if not allow_empty and not value:
         raise _schema_error(f"{where}: must not be empty")
     return value
@@ -201,6 +206,8 @@ def parse_body(body: bytes, max_bytes: int = MAX_BODY_BYTES) -> TrainingReport:
         data = json.loads(body)
     except (ValueError, UnicodeDecodeError) as exc:
         raise IngestError("schema", f"body is not valid JSON: {exc}", 400) from exc
+    except RecursionError:  # "[[[[...": deep nesting within the size limit
+        raise IngestError("schema", "body is nested too deeply", 400) from None
     return validate_report(data)
 
 
