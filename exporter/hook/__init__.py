@@ -103,15 +103,18 @@ def start(
 
 
 def current() -> Monitor | None:
-    """The monitor :func:`start` created in this process, if any."""
+    """The running monitor :func:`start` created in this process, if any (None after :func:`stop`)."""
     return _current if _current is not None and _current.pid == os.getpid() else None
 
 
 def stop(flush: bool = True) -> None:
     """Stop the sender; with ``flush`` push the final counters (bounded to ~1 s). Called at exit."""
+    global _current
     mon = current()
     if mon is None:
         return
+    with _lock:
+        _current = None
     sender = _senders.pop(mon, None)
     if sender is not None:
         try:
