@@ -26,7 +26,7 @@ def test_import_pulls_in_only_stdlib() -> None:
         "mon = exporter.hook.start(job='t', url='http://127.0.0.1:9')\n"
         "with mon.step(samples=1): pass\n"
         "mon.build_payload()\n"
-        f"print(json.dumps({{m: m in sys.modules for m in {FORBIDDEN + ['torch', 'lightning', 'transformers']!r}}}))\n"
+        f"print(json.dumps({{m: m in sys.modules for m in {[*FORBIDDEN, 'torch', 'lightning', 'transformers']!r}}}))\n"
     )
     loaded = _run(code)
     assert not any(loaded.values()), f"the hook imported: {[m for m, v in loaded.items() if v]}"

@@ -165,7 +165,7 @@ def synthetic_batch(seed: int, batch_size: int, image_size: int, device: torch.d
 def inject_oom(device: torch.device, step: int) -> None:
     """Raise a genuine torch.OutOfMemoryError inside the step."""
     if device.type == "cuda":
-        free, total = torch.cuda.mem_get_info(device)
+        _free, total = torch.cuda.mem_get_info(device)
         torch.empty(int(total * 2), dtype=torch.uint8, device=device)  # really over-allocates
     raise torch.OutOfMemoryError(
         "CUDA out of memory. Tried to allocate 20.00 GiB. GPU 0 has a total capacity of 79.10 GiB "

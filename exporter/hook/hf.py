@@ -15,11 +15,11 @@ from exporter.hook import start
 from exporter.hook.monitor import Monitor
 
 
-def GpuExporterCallback(job: str | None = None, **start_kwargs: Any) -> Any:  # noqa: N802 - reads as a class
+def GpuExporterCallback(job: str | None = None, **start_kwargs: Any) -> Any:  # reads as a class
     """A ``transformers.TrainerCallback`` instance reporting to the GPU exporter."""
     from transformers import TrainerCallback
 
-    class _Callback(TrainerCallback):  # type: ignore[misc]
+    class _Callback(TrainerCallback):  # type: ignore[misc,unused-ignore]
         def __init__(self) -> None:
             self.monitor: Monitor | None = None
             self.samples_per_step: float | None = None

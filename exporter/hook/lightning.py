@@ -19,13 +19,13 @@ from exporter.hook.monitor import Monitor
 def _callback_base() -> type:
     for name in ("lightning.pytorch", "pytorch_lightning"):
         try:
-            return importlib.import_module(name).Callback  # type: ignore[no-any-return]
+            return importlib.import_module(name).Callback  # type: ignore[no-any-return,unused-ignore]
         except ImportError:
             continue
     raise ImportError("GpuExporterCallback needs `lightning` or `pytorch_lightning` installed")
 
 
-def GpuExporterCallback(job: str | None = None, **start_kwargs: Any) -> Any:  # noqa: N802 - reads as a class
+def GpuExporterCallback(job: str | None = None, **start_kwargs: Any) -> Any:  # reads as a class
     """A Lightning ``Callback`` instance reporting to the GPU exporter (see module docstring)."""
     base = _callback_base()
 
