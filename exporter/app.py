@@ -15,6 +15,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from fastapi import APIRouter, FastAPI
+from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
@@ -108,7 +109,8 @@ def create_app(
         from exporter.simulate import ScenarioError
 
         try:
-            simulator.apply(event)
+            # In a worker thread: the simulator may hold its lock while a poll sleeps in a "hung" call.
+            await run_in_threadpool(simulator.apply, event)
         except ScenarioError as exc:
             return JSONResponse({"error": str(exc)}, status_code=400)
         log.info("applied simulated event %s", event)

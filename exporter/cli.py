@@ -30,10 +30,15 @@ class Runtime:
     app: Any  # fastapi.FastAPI
     simulator: Any | None = None
     closers: list[Callable[[], None]] = field(default_factory=list)
+    reader_close: Callable[[], None] | None = None
 
     def close(self) -> None:
-        self.poller.stop()
-        for closer in reversed(self.closers):
+        closers = self.closers
+        if not self.poller.stop():
+            # Shutting NVML down under a call that is still running in it is asking for a crash.
+            log.warning("leaving NVML open: a poll is still stuck in it")
+            closers = [c for c in closers if c != self.reader_close]
+        for closer in reversed(closers):
             try:
                 closer()
             except Exception:
@@ -110,7 +115,14 @@ def build(settings: Settings) -> Runtime:
         status_sections=status_sections,
         nvml_library=nvml_library,
     )
-    return Runtime(settings=settings, poller=poller, app=app, simulator=simulator, closers=closers)
+    return Runtime(
+        settings=settings,
+        poller=poller,
+        app=app,
+        simulator=simulator,
+        closers=closers,
+        reader_close=reader.close,
+    )
 
 
 def serve(runtime: Runtime) -> int:

@@ -83,14 +83,17 @@ class Poller:
         self._thread = threading.Thread(target=self._run, name="gpu-poller", daemon=True)
         self._thread.start()
 
-    def stop(self, timeout: float = 5.0) -> None:
-        """Stop the loop; a poll stuck in NVML is abandoned after ``timeout`` (the thread is a daemon)."""
+    def stop(self, timeout: float = 5.0) -> bool:
+        """Stop the loop; return False when a poll stuck in NVML had to be abandoned after ``timeout``
+        (the thread is a daemon, so it cannot keep the process alive)."""
         self._stop.set()
         self._wake.set()
         if self._thread is not None:
             self._thread.join(timeout)
             if self._thread.is_alive():
                 log.warning("poller did not stop within %.1fs (a poll is stuck); leaving it", timeout)
+                return False
+        return True
 
     def poll_now(self) -> None:
         """Start the next poll without waiting for the interval (e.g. after a simulated event)."""
