@@ -347,7 +347,7 @@ def test_compose_services_and_sidecar_needs() -> None:
     assert "/var/run/docker.sock:/var/run/docker.sock:ro" in exporter["volumes"]
     assert exporter["read_only"] is True and exporter["cap_drop"] == ["ALL"]
     assert not str(exporter["user"]).startswith("0")
-    assert exporter["healthcheck"]["test"][0] == "CMD" and "/healthz" in " ".join(exporter["healthcheck"]["test"])
+    assert exporter["healthcheck"]["test"] == ["CMD", "python3", "/opt/gpu-exporter/healthcheck.py"]
     for name in exporter["environment"]:
         if name.startswith("GPU_EXPORTER_"):
             assert name in known_env(), f"compose exporter: unknown setting {name}"
@@ -415,7 +415,14 @@ def test_dockerfile_is_non_root_with_healthcheck() -> None:
     assert users, "the final stage sets no USER"
     uid = users[-1].split(":")[0]
     assert uid.isdigit() and int(uid) != 0, users[-1]
-    assert any(word == "HEALTHCHECK" and "/healthz" in arg for word, arg in final_stage)
+    (check,) = [arg for word, arg in final_stage if word == "HEALTHCHECK"]
+    script = re.search(r"/opt/gpu-exporter/(\S+\.py)", check)
+    assert script and (DEPLOY / script.group(1)).is_file(), check
+    assert "/healthz" in (DEPLOY / script.group(1)).read_text()
+    assert f"COPY deploy/{script.group(1)} /opt/gpu-exporter/{script.group(1)}" in [
+        f"{w} {a}" for w, a in final_stage
+    ]
+    assert f"!deploy/{script.group(1)}" in (REPO_ROOT / ".dockerignore").read_text().splitlines()
     assert ("EXPOSE", str(EXPORTER_PORT)) in final_stage
     entrypoint = [arg for word, arg in final_stage if word == "ENTRYPOINT"]
     assert entrypoint == ['["gpu-exporter"]']
