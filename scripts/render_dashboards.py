@@ -73,6 +73,7 @@ def threshold_color(value: float, panel: Json) -> str:
 
 def draw_panel(ax: Any, panel: Json, results: list[tuple[Json, str, list[dict[str, Any]]]]) -> None:
     """One panel into one matplotlib axes: lines for time series, a number for stats, text for tables."""
+    from matplotlib.dates import DateFormatter
     unit = str(panel["fieldConfig"]["defaults"].get("unit", ""))
     ax.set_title(panel["title"], fontsize=9, loc="left")
     if not any(series for _, _, series in results):
@@ -99,7 +100,7 @@ def draw_panel(ax: Any, panel: Json, results: list[tuple[Json, str, list[dict[st
         ax.yaxis.set_major_formatter(lambda v, _pos: fmt_value(v, unit))
         ax.tick_params(labelsize=6)
         ax.legend(fontsize=5, loc="upper left", ncol=2 if lines > 6 else 1, framealpha=0.6)
-        ax.xaxis.set_major_formatter(__import__("matplotlib.dates", fromlist=["DateFormatter"]).DateFormatter("%H:%M"))
+        ax.xaxis.set_major_formatter(DateFormatter("%H:%M:%S"))
     elif kind == "stat":
         texts = []
         for target, _, series in results:
