@@ -11,6 +11,7 @@ may be written as ``"80GiB"``. The event schema is documented in ``exporter/simu
 
 from __future__ import annotations
 
+import contextlib
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -536,10 +537,8 @@ def _mapping(ctx: _Ctx, path: tuple[Any, ...], value: Any, allowed: set[str] | f
 def _num(ctx: _Ctx, path: tuple[Any, ...], value: Any, lo: float | None = None, hi: float | None = None,
          what: str = "a number") -> float:
     if isinstance(value, str):  # YAML 1.1 reads "1.2e9" (no sign in the exponent) as a string
-        try:
+        with contextlib.suppress(ValueError):
             value = float(value)
-        except ValueError:
-            pass
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise ctx.fail(path, f"expected {what}, got {value!r}")
     if (lo is not None and value < lo) or (hi is not None and value > hi):
