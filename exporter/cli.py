@@ -105,6 +105,27 @@ def build(settings: Settings) -> Runtime:
             )
         )
 
+    # Training hook ingest: POST /api/v1/training -> store -> training_* series + the PID join.
+    from exporter.collectors.training import TrainingCollector
+    from exporter.ingest import IngestStore, make_ingest_router
+
+    store = IngestStore(settings.training_ttl, settings.training_max_processes)
+
+    def training_generation() -> int:
+        store.expire()  # a process past its TTL must change the output even with no new push
+        return store.generation
+
+    poller.enrichers.append(store.enrich)
+    collectors.append(
+        Source(
+            "training",
+            TrainingCollector(store, settings.host_label),
+            generation=training_generation,
+        )
+    )
+    routers.append(make_ingest_router(store))
+    status_sections["training"] = lambda: {"processes": store.stats()[2]}
+
     app = create_app(
         poller,
         host=settings.host_label,

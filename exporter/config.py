@@ -98,6 +98,16 @@ def parse_str(raw: str) -> str:
     return value
 
 
+def parse_positive_int(raw: str) -> int:
+    try:
+        value = int(raw.strip())
+    except ValueError:
+        raise ValueError("must be a whole number greater than 0") from None
+    if value <= 0:
+        raise ValueError("must be a whole number greater than 0")
+    return value
+
+
 def parse_docker_mode(raw: str) -> str:
     mode = raw.strip().lower()
     if mode not in ("auto", "on", "off"):
@@ -158,6 +168,15 @@ class Settings:
     )
     proc_root: str = setting(
         "/proc", "where the host's /proc is visible (e.g. /host/proc when mounted there)", parse_str, "PATH"
+    )
+    training_ttl: float = setting(
+        300.0,
+        "seconds a training process that stopped pushing keeps its last values on /metrics",
+        parse_positive_seconds,
+        "SECONDS",
+    )
+    training_max_processes: int = setting(
+        1024, "most training processes tracked at once (more are refused with 429)", parse_positive_int, "N"
     )
 
     @property
