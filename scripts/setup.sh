@@ -35,5 +35,5 @@ if ! "$PY" -c "import torch" >/dev/null 2>&1; then
   echo "setup: installing torch==2.13.0 (CPU build)"
   "$PY" -m pip install -q torch==2.13.0
 fi
-"$PY" -m pip install -q -e ".[server,docker,test,dashboards]"
+"$PY" -m pip install -q -e ".[server,docker,test,dashboards,bench]"
 echo "setup: done"
