@@ -406,6 +406,14 @@ class FakeNvmlLib:
         out._obj.value = max(0, round(g["temperature_gpu_celsius"]))
         return SUCCESS
 
+    def nvmlDeviceGetTemperatureV(self, handle: Any, out: Any) -> int:
+        # Newer drivers' versioned call (nvitop and pynvml >= 12.575 prefer it): c_nvmlTemperature_v1_t.
+        rc, g = self._dev(handle, "temperature_gpu_celsius")
+        if g is None:
+            return rc
+        out._obj.temperature = max(0, round(g["temperature_gpu_celsius"]))
+        return SUCCESS
+
     def nvmlDeviceGetTemperatureThreshold(self, handle: Any, threshold: Any, out: Any) -> int:
         rc, g = self._dev(handle, "temperature_thresholds_celsius")
         if g is None:

@@ -135,7 +135,18 @@ def _construct(node: yaml.Node, path: tuple[Any, ...], marks: dict[tuple[Any, ..
     marks[path] = node.start_mark.line + 1
     if isinstance(node, yaml.MappingNode):
         out: dict[Any, Any] = {}
+        merged: list[dict[Any, Any]] = []
+        merged_marks: dict[tuple[Any, ...], int] = {}
         for knode, vnode in node.value:
+            if knode.tag == "tag:yaml.org,2002:merge":  # `<<: *anchor`: shared GPU specs, explicit keys win
+                sources = vnode.value if isinstance(vnode, yaml.SequenceNode) else [vnode]
+                for src in sources:
+                    value = _construct(src, path, merged_marks, source)
+                    if not isinstance(value, dict):
+                        raise ScenarioError(f"{source}, line {knode.start_mark.line + 1}: {_fmt_path(path) or '(top level)'}: "
+                                            "`<<` expects a mapping (or list of mappings) to merge")
+                    merged.append(value)
+                continue
             key = _scalar(knode) if isinstance(knode, yaml.ScalarNode) else None
             if not isinstance(key, str):
                 raise ScenarioError(f"{source}, line {knode.start_mark.line + 1}: keys must be strings")
@@ -145,6 +156,12 @@ def _construct(node: yaml.Node, path: tuple[Any, ...], marks: dict[tuple[Any, ..
             marks[(*path, key)] = knode.start_mark.line + 1
             out[key] = _construct(vnode, (*path, key), marks, source)
             marks[(*path, key)] = knode.start_mark.line + 1
+        for m in merged:
+            for k, v in m.items():
+                out.setdefault(k, v)
+        for p, line in merged_marks.items():
+            marks.setdefault(p, line)
+        marks[path] = node.start_mark.line + 1
         return out
     if isinstance(node, yaml.SequenceNode):
         return [_construct(v, (*path, i), marks, source) for i, v in enumerate(node.value)]
