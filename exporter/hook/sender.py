@@ -61,12 +61,17 @@ class Sender:
         self._thread.start()
 
     def stop(self, flush: bool = True, flush_timeout: float = 1.0) -> None:
-        """Stop the thread; with ``flush``, push once more (bounded) if the exporter was reachable."""
+        """Stop the thread; with ``flush``, push the final counters once more (bounded).
+
+        After an outage the exporter may be back while the thread was still backing off, so the
+        final push is tried then too, with a short timeout (a refused loopback connection fails at
+        once, so an absent exporter costs the job's exit nothing measurable).
+        """
         self._stop.set()
         if self._thread.is_alive() and self._thread is not threading.current_thread():
             self._thread.join(timeout=flush_timeout + self.timeout)
-        if flush and self._reachable is not False:
-            self.push_once(timeout=flush_timeout)
+        if flush:
+            self.push_once(timeout=flush_timeout if self._reachable is not False else min(flush_timeout, 0.25))
 
     def _run(self) -> None:
         while not self._stop.is_set():
