@@ -31,6 +31,7 @@ class Runtime:
     simulator: Any | None = None
     closers: list[Callable[[], None]] = field(default_factory=list)
     reader_close: Callable[[], None] | None = None
+    uvicorn_options: dict[str, Any] = field(default_factory=dict)  # TLS from the web-config file
 
     def close(self) -> None:
         closers = self.closers
@@ -136,6 +137,7 @@ def build(settings: Settings) -> Runtime:
         status_sections=status_sections,
         nvml_library=nvml_library,
     )
+    uvicorn_options = _add_access_control(app, settings, store, status_sections)
     return Runtime(
         settings=settings,
         poller=poller,
@@ -143,7 +145,55 @@ def build(settings: Settings) -> Runtime:
         simulator=simulator,
         closers=closers,
         reader_close=reader.close,
+        uvicorn_options=uvicorn_options,
     )
+
+
+def _add_access_control(
+    app: Any, settings: Settings, store: Any, status_sections: dict[str, Callable[[], Any]]
+) -> dict[str, Any]:
+    """Web-config (TLS, basic auth) and the ingest guard (token, rate limit, body limits).
+
+    Returns the uvicorn keyword arguments that turn TLS on. Raises ConfigError on an unusable
+    web-config file or token, so the exporter never serves with less protection than configured.
+    """
+    from exporter.hook.schema import MAX_BODY_BYTES
+    from exporter.ingest_auth import IngestAuthenticator, IngestTokenError, load_ingest_token
+    from exporter.ingest_guard import IngestGuardMiddleware, RateLimiter
+    from exporter.webconfig import (
+        BasicAuth,
+        BasicAuthMiddleware,
+        WebConfig,
+        WebConfigError,
+        load_web_config,
+        uvicorn_ssl_kwargs,
+    )
+
+    try:
+        web = load_web_config(settings.web_config_file) if settings.web_config_file else WebConfig()
+        token = load_ingest_token(settings.ingest_token_file)
+    except (WebConfigError, IngestTokenError) as exc:
+        raise ConfigError(str(exc)) from None
+    authenticator = IngestAuthenticator(token)
+    rate = settings.ingest_rate_limit
+    app.add_middleware(
+        IngestGuardMiddleware,
+        authenticator=authenticator,
+        limiter=RateLimiter(rate) if rate > 0 else None,
+        max_body_bytes=MAX_BODY_BYTES,
+        on_reject=store.count_rejected,
+    )
+    if web.basic_auth_users:  # added last: the outermost layer, before anything else runs
+        app.add_middleware(BasicAuthMiddleware, auth=BasicAuth(web.basic_auth_users))
+    status_sections["security"] = lambda: {
+        "tls": web.tls is not None,
+        "basic_auth_users": len(web.basic_auth_users),
+        "ingest_token_required": authenticator.token_required,
+        "ingest_rate_limit_per_second": rate,
+    }
+    if not web.basic_auth_users and settings.listen[0] not in ("127.0.0.1", "::1", "localhost"):
+        log.info("/metrics is served without authentication on %s (see --web-config-file)", settings.listen[0])
+    return uvicorn_ssl_kwargs(web.tls)
 
 
 def serve(runtime: Runtime) -> int:
@@ -161,6 +211,7 @@ def serve(runtime: Runtime) -> int:
         server_header=False,
         lifespan="off",
         timeout_graceful_shutdown=5,
+        **runtime.uvicorn_options,
     )
     server = uvicorn.Server(config)
     stopped_by: list[int] = []
@@ -174,7 +225,7 @@ def serve(runtime: Runtime) -> int:
         settings.summary()["listen"],
         settings.interval,
         f", simulating {settings.simulate}" if settings.simulate else "",
-        settings.listen_url,
+        settings.listen_url.replace("http://", "https://") if runtime.uvicorn_options else settings.listen_url,
     )
     try:
         server.run()

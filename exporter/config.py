@@ -26,6 +26,8 @@ ENV_PREFIX = "GPU_EXPORTER_"
 HOOK_ENV = frozenset(
     {"GPU_EXPORTER_URL", "GPU_EXPORTER_JOB", "GPU_EXPORTER_TOKEN", "GPU_EXPORTER_TOKEN_FILE"}
 )
+# Secrets read from the environment but never a flag (a flag would show up in `ps`); see ingest_auth.
+SECRET_ENV = frozenset({"GPU_EXPORTER_INGEST_TOKEN"})
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
@@ -108,6 +110,16 @@ def parse_positive_int(raw: str) -> int:
     return value
 
 
+def parse_rate(raw: str) -> float:
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ValueError("must be a number of requests per second (0 turns the limit off)") from None
+    if not math.isfinite(value) or value < 0:
+        raise ValueError("must be a number of requests per second >= 0 (0 turns the limit off)")
+    return value
+
+
 def parse_docker_mode(raw: str) -> str:
     mode = raw.strip().lower()
     if mode not in ("auto", "on", "off"):
@@ -177,6 +189,24 @@ class Settings:
     )
     training_max_processes: int = setting(
         1024, "most training processes tracked at once (more are refused with 429)", parse_positive_int, "N"
+    )
+    web_config_file: str | None = setting(
+        None,
+        "web-config file (Prometheus exporter-toolkit format): TLS (tls_server_config) and basic auth "
+        "(basic_auth_users, bcrypt) for every endpoint but /healthz, /readyz and the ingest API",
+        parse_optional_str,
+        "PATH",
+    )
+    ingest_token_file: str | None = setting(
+        None,
+        "file holding the bearer token training hooks must send to POST /api/v1/training "
+        "(or set GPU_EXPORTER_INGEST_TOKEN); without a token only loopback clients may push",
+        parse_optional_str,
+        "PATH",
+    )
+    ingest_rate_limit: float = setting(
+        50.0, "training pushes per second allowed per client address, burst twice that (0 = no limit)",
+        parse_rate, "PER_SECOND",
     )
 
     @property
@@ -261,7 +291,7 @@ def load_settings(argv: Sequence[str] | None = None, environ: Mapping[str, str] 
     environ = os.environ if environ is None else environ
     fields = _settings_fields()
     known_env = {env_name(f.name) for f in fields}
-    unknown = sorted(k for k in environ if k.startswith(ENV_PREFIX) and k not in known_env | HOOK_ENV)
+    unknown = sorted(k for k in environ if k.startswith(ENV_PREFIX) and k not in known_env | HOOK_ENV | SECRET_ENV)
     if unknown:
         raise ConfigError(
             f"unknown environment variable(s): {', '.join(unknown)}; "
