@@ -87,7 +87,7 @@ class SimulatedNvml:
 
     def apply(self, event: Mapping[str, Any]) -> None:
         """Validate one event (timeline entry without ``at``) and apply it now; ScenarioError if bad."""
-        ev = validate_event(dict(event), len(self.lib.gpus))
+        ev = validate_event(event, len(self.lib.gpus))  # not dict(event): a non-mapping must be a ScenarioError
         with self.lib.lock:
             self.lib.advance()
             self._apply_validated(ev)
