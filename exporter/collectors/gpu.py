@@ -10,7 +10,13 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping
 
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily, Metric
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    InfoMetricFamily,
+    Metric,
+    UnknownMetricFamily,
+)
 from prometheus_client.registry import Collector
 
 from exporter.snapshot import GpuProcess, GpuSample, NodeSnapshot
@@ -76,7 +82,9 @@ class GpuCollector(Collector):
 def _render(snapshot: NodeSnapshot) -> Iterator[Metric]:
     host = snapshot.host
     if snapshot.nvml_up:
-        count = GaugeMetricFamily("gpu_count", "GPUs NVML enumerates now", labels=["host"])
+        # Untyped, not gauge: promtool's lint reserves the _count suffix for histograms and summaries
+        # of every other type, and gpu_count is the contracted name (alerts use it).
+        count = UnknownMetricFamily("gpu_count", "GPUs NVML enumerates now", labels=["host"])
         count.add_metric([host], float(len(snapshot.gpus)))
         yield count
     gpus = snapshot.gpus
