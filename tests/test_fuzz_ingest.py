@@ -165,6 +165,40 @@ def test_oversized_and_deep_bodies(client: TestClient) -> None:
     check_metrics(client)
 
 
+printable = st.text(st.characters(min_codepoint=32, max_codepoint=126), max_size=60)
+ROUTES = ["/metrics", "/healthz", "/readyz", "/status", "/-/simulate/events", INGEST_PATH, "/", "/docs",
+          "/openapi.json", "/api/v1/training/x", "/metrics/", "/%00", "/..%2f..%2fetc%2fpasswd"]
+
+
+@FUZZ
+@given(
+    method=st.sampled_from(["GET", "POST", "PUT", "DELETE", "HEAD", "OPTIONS", "PATCH"]),
+    path=st.sampled_from(ROUTES) | printable.map(lambda t: "/" + t.replace("?", "").replace("#", "")),
+    query=printable,
+    body=st.binary(max_size=512) | json_values.map(lambda v: json.dumps(v).encode()),
+    headers=st.dictionaries(
+        st.sampled_from(["Authorization", "Accept", "Content-Type", "Accept-Encoding", "X-Forwarded-For"]),
+        printable, max_size=4,
+    ),
+)
+def test_every_route_never_5xx(
+    client: TestClient, method: str, path: str, query: str, body: bytes, headers: dict[str, str]
+) -> None:
+    """Any method, path, query, header and body on the real app: 2xx/3xx/4xx, never 5xx."""
+    r = client.request(method, path, params={"q": query} if query else None, content=body, headers=headers)
+    assert r.status_code < 500, (method, path, r.status_code, r.text[:300])
+
+
+@FUZZ
+@given(event=st.dictionaries(st.text(max_size=20), json_values, max_size=4) | json_values)
+def test_simulate_events_never_5xx(client: TestClient, event: Any) -> None:
+    """Malformed simulator events are 400 with a message; nothing reaches the fake NVML half-checked."""
+    r = client.post("/-/simulate/events", content=json.dumps(event).encode())
+    assert r.status_code in (200, 400), (event, r.status_code, r.text[:300])
+    if r.status_code == 400:
+        assert r.json()["error"]
+
+
 def test_identity_flood_is_bounded(client: TestClient) -> None:
     """More new processes than --training-max-processes: the excess gets 429, memory stays bounded."""
     codes = [post(client, json.dumps(valid_push(pid=10_000 + i, job=f"flood-{i}")).encode())
@@ -175,3 +209,8 @@ def test_identity_flood_is_bounded(client: TestClient) -> None:
     rejected = {lab["reason"]: v for lab, v in m["gpu_exporter_ingest_rejected_total"]}
     assert rejected.get("cardinality", 0) >= 25
     assert all(math.isfinite(v) for _, v in m["gpu_exporter_ingest_rejected_total"])
+    # Bounded in bytes too: at the limit the exposition holds a fixed number of series per process.
+    size_at_limit = len(client.get("/metrics").content)
+    for i in range(50):
+        post(client, json.dumps(valid_push(pid=20_000 + i, job=f"more-{i}")).encode())
+    assert len(client.get("/metrics").content) <= size_at_limit * 1.05
