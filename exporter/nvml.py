@@ -67,7 +67,8 @@ _ARCHITECTURES = {
     pynvml.NVML_DEVICE_ARCH_HOPPER: "hopper",
     pynvml.NVML_DEVICE_ARCH_BLACKWELL: "blackwell",
 }
-_GPM_ARCHITECTURES = frozenset({"hopper", "blackwell"})
+# GPM exists from Hopper on; unknown (newer) architectures are asked.
+_PRE_GPM_ARCHITECTURES = frozenset(_ARCHITECTURES.values()) - {"hopper", "blackwell"}
 _CLOCKS = {"graphics": pynvml.NVML_CLOCK_GRAPHICS, "sm": pynvml.NVML_CLOCK_SM, "memory": pynvml.NVML_CLOCK_MEM}
 _THRESHOLDS = {
     "shutdown": pynvml.NVML_TEMPERATURE_THRESHOLD_SHUTDOWN,
@@ -152,6 +153,7 @@ class _XidListener:
         self._lock = threading.Lock()
         self._counts: dict[str, dict[int, XidCount]] = {}
         self._wanted: frozenset[str] = frozenset()
+        self.registered: frozenset[str] = frozenset()  # GPUs whose XIDs are being received now
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -209,7 +211,7 @@ class _XidListener:
             uuids: dict[int, str] = {}
             while not self._stop.is_set():
                 wanted = self._wanted
-                self._register(event_set, uuids)
+                self.registered = self._register(event_set, uuids)
                 while not self._stop.is_set() and self._wanted == wanted:
                     try:
                         data = pynvml.nvmlEventSetWait_v2(event_set, self.WAIT_MS)
@@ -218,12 +220,15 @@ class _XidListener:
                     if data.eventType & pynvml.nvmlEventTypeXidCriticalError:
                         self.record(uuids.get(_address(data.device), "unknown"), int(data.eventData))
         finally:
+            self.registered = frozenset()
             with contextlib.suppress(pynvml.NVMLError):
                 pynvml.nvmlEventSetFree(event_set)
 
     @staticmethod
-    def _register(event_set: Any, uuids: dict[int, str]) -> None:
-        """Register XID events of every GPU that answers; remember each handle's UUID."""
+    def _register(event_set: Any, uuids: dict[int, str]) -> frozenset[str]:
+        """Register XID events of every GPU that answers; remember each handle's UUID. Returns the
+        UUIDs registered now."""
+        registered = set()
         for i in range(pynvml.nvmlDeviceGetCount()):
             try:
                 handle = pynvml.nvmlDeviceGetHandleByIndex(i)
@@ -233,6 +238,8 @@ class _XidListener:
                 log.debug("XID listener: GPU %d not registered (%s)", i, exc)
                 continue
             uuids[_address(handle)] = uuid
+            registered.add(uuid)
+        return frozenset(registered)
 
 
 class NvmlReader:
@@ -277,6 +284,11 @@ class NvmlReader:
                 log.exception("unexpected error reading NVML")
                 self._shutdown()
             return NodeSnapshot(host=self.host, timestamp_seconds=self._wall_clock(), nvml_up=False)
+
+    @property
+    def xid_listening(self) -> frozenset[str]:
+        """UUIDs of the GPUs whose XID events are being received right now (status page, tests)."""
+        return self._xid.registered
 
     def close(self) -> None:
         """Stop the XID listener and release NVML (idempotent)."""
@@ -533,7 +545,8 @@ class NvmlReader:
 
     def _gpm(self, r: _GpuReader, key: int, info: GpuInfo) -> dict[str, float]:
         """GPM metrics are rates between two samples: keep this poll's sample for the next one."""
-        if info.architecture not in _GPM_ARCHITECTURES:
+        if info.architecture in _PRE_GPM_ARCHITECTURES:
+            r.unsupported.add("gpm_ratios")
             return {}
         supported = self._gpm_support.get(key)
         if supported is None:
