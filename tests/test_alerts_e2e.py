@@ -1,0 +1,136 @@
+"""Fault to pager, live: the exporter on simulated GPUs (and the sample workload with the hook) →
+the real Prometheus with the shipped fast-profile rules → the real Alertmanager with the shipped fast
+config → a webhook receiver in the test. For each fault class the test asserts the notification's
+receiver, alert name and labels (host, GPU or job/rank), then recovers and waits for the resolved one.
+
+The four classes share one stack (starting Prometheus and Alertmanager is the slow part) and use
+different GPUs and job names so they cannot see each other's alerts.
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from alert_stack import AlertStack, alert_stack, labels_match
+from support import ManagedProcess, http_post_json
+
+pytestmark = pytest.mark.slow
+
+HOST = "e2e-node"
+# One torch thread per process: the CI machine has 2 cores.
+WORKLOAD_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+FIRE_TIMEOUT = 30.0  # generous: the fast profile notifies in a few seconds, CI machines are busy
+RESOLVE_TIMEOUT = 45.0
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AlertStack]:
+    log_dir = tmp_path_factory.mktemp("alerts-e2e")
+    exporter_args = [
+        "--simulate", "healthy-8gpu", "--interval", "0.5", "--host-label", HOST, "--docker", "off",
+        # A finished training process's series go away 3 s after its last push: that is the
+        # recovery of the training-side faults.
+        "--training-ttl", "3",
+    ]  # fmt: skip
+    with alert_stack(log_dir, exporter_args) as s:
+        yield s
+
+
+def simulate(stack: AlertStack, event: dict[str, Any]) -> float:
+    """Apply a simulator event through the exporter; returns the monotonic time it was applied."""
+    t = time.monotonic()
+    status, body = http_post_json(stack.exporter_url + "/-/simulate/events", event)
+    assert status == 200, body
+    return t
+
+
+def workload(stack: AlertStack, job: str, *args: str) -> ManagedProcess:
+    argv = [
+        sys.executable, "-m", "workload.train", "--device", "cpu", "--job", job,
+        "--exporter-url", stack.exporter_url, "--push-interval", "0.25", "--log-every", "0",
+        "--steps", "0", "--duration", "120", "--batch-size", "4", "--image-size", "16", "--width", "8",
+        "--step-delay", "0.05", *args,
+    ]  # fmt: skip
+    log_dir = stack.exporter.log_path.parent
+    proc = ManagedProcess(f"train-{job}", argv, log_dir, env=WORKLOAD_ENV)
+    stack.processes.append(proc)  # stopped with the stack if the test fails half way
+    return proc
+
+
+def test_gpu_overheating_pages_and_inhibits_its_warning(stack: AlertStack) -> None:
+    hook = stack.webhook
+    # healthy-8gpu: slowdown 90 °C, shutdown 92 °C; 89 °C is within 5 °C of both.
+    t0 = simulate(stack, {"gpu": 3, "set": {"temperature_gpu_celsius": 89,
+                                            "clock_event_reasons": ["sw_thermal_slowdown"]}})
+    crit = labels_match(alertname="GpuTemperatureHigh", host=HOST, gpu="3", severity="critical")
+    note, alert = hook.wait_for_alert(crit, timeout=FIRE_TIMEOUT, since=t0)
+    assert note.path == "/page"
+    assert alert["labels"]["uuid"].startswith("GPU-")
+    assert "89 °C" in alert["annotations"]["description"]
+    assert alert["annotations"]["runbook_url"].endswith("/GpuTemperatureHigh.md")
+    throttle = labels_match(alertname="GpuThermalThrottling", host=HOST, gpu="3", severity="warning")
+    note, _ = hook.wait_for_alert(throttle, timeout=FIRE_TIMEOUT, since=t0)
+    assert note.path == "/ticket"
+    # The warning variant of the same alert fired in Prometheus too, but the critical one inhibits it.
+    warn = labels_match(alertname="GpuTemperatureHigh", gpu="3", severity="warning")
+    assert not [a for n in hook.notifications() for a in n.alerts() if warn(a)]
+
+    t1 = simulate(stack, {"gpu": 3, "set": {"temperature_gpu_celsius": 62, "clock_event_reasons": []}})
+    note, _ = hook.wait_for_alert(crit, status="resolved", timeout=RESOLVE_TIMEOUT, since=t1)
+    assert note.path == "/page" and note.status == "resolved"
+    hook.wait_for_alert(throttle, status="resolved", timeout=RESOLVE_TIMEOUT, since=t1)
+
+
+def test_xid_79_gpu_lost_pages(stack: AlertStack) -> None:
+    hook = stack.webhook
+    t0 = simulate(stack, {"gpu": 5, "xid": 79})  # fell off the bus: the GPU is lost too
+    lost = labels_match(alertname="GpuLost", host=HOST, gpu="5", severity="critical")
+    xid = labels_match(alertname="GpuXidHardwareError", host=HOST, gpu="5", xid="79", severity="critical")
+    note, alert = hook.wait_for_alert(lost, timeout=FIRE_TIMEOUT, since=t0)
+    assert note.path == "/page" and alert["labels"]["uuid"].startswith("GPU-")
+    note, _ = hook.wait_for_alert(xid, timeout=FIRE_TIMEOUT, since=t0)
+    assert note.path == "/page"
+
+    t1 = simulate(stack, {"gpu": 5, "lost": False})  # reset worked: the GPU answers again
+    hook.wait_for_alert(lost, status="resolved", timeout=RESOLVE_TIMEOUT, since=t1)
+    # The XID alert stays for its window (20 s in the fast profile) after the last event, then clears.
+    hook.wait_for_alert(xid, status="resolved", timeout=RESOLVE_TIMEOUT, since=t1)
+
+
+def test_training_oom_notifies_with_job_and_rank(stack: AlertStack) -> None:
+    hook = stack.webhook
+    job = "e2e-oom"
+    t0 = time.monotonic()
+    train = workload(stack, job, "--fault", "oom@20")
+    oom = labels_match(alertname="GpuTrainingOutOfMemory", host=HOST, training_job=job, rank="0")
+    note, alert = hook.wait_for_alert(oom, timeout=FIRE_TIMEOUT + 30, since=t0)  # + torch import
+    assert note.path == "/ticket" and alert["labels"]["severity"] == "warning"
+    assert f"of {job} on {HOST}" in alert["annotations"]["description"]
+
+    t1 = time.monotonic()
+    assert train.stop(signal.SIGTERM) in (0, -signal.SIGTERM), train.log()
+    hook.wait_for_alert(oom, status="resolved", timeout=RESOLVE_TIMEOUT, since=t1)
+
+
+def test_expired_token_pages_with_job_rank_and_service(stack: AlertStack) -> None:
+    hook = stack.webhook
+    job = "e2e-auth"
+    t0 = time.monotonic()
+    train = workload(stack, job, "--fault", "auth@6")  # the dataset token expires 6 s into the run
+    expired = labels_match(alertname="GpuTrainingTokenExpired", host=HOST, training_job=job, rank="0",
+                           service="dataset")
+    note, alert = hook.wait_for_alert(expired, timeout=FIRE_TIMEOUT + 30, since=t0)
+    assert note.path == "/page" and alert["labels"]["severity"] == "critical"
+    # Before it expired, the same token was announced as expiring soon (a ticket).
+    soon = labels_match(alertname="GpuTrainingTokenExpiringSoon", training_job=job, service="dataset")
+    note, _ = hook.wait_for_alert(soon, timeout=5, since=t0)
+    assert note.path == "/ticket"
+
+    t1 = time.monotonic()
+    assert train.stop(signal.SIGTERM) in (0, -signal.SIGTERM), train.log()
+    hook.wait_for_alert(expired, status="resolved", timeout=RESOLVE_TIMEOUT, since=t1)
