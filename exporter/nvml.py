@@ -41,8 +41,13 @@ _FIELD_LEVEL_ERRORS = frozenset({
     pynvml.NVML_ERROR_INVALID_ARGUMENT,
     pynvml.NVML_ERROR_NOT_FOUND,
     pynvml.NVML_ERROR_NO_DATA,
+    pynvml.NVML_ERROR_ARGUMENT_VERSION_MISMATCH,
 })
-_UNSUPPORTED_ERRORS = frozenset({pynvml.NVML_ERROR_NOT_SUPPORTED, pynvml.NVML_ERROR_FUNCTION_NOT_FOUND})
+_UNSUPPORTED_ERRORS = frozenset({
+    pynvml.NVML_ERROR_NOT_SUPPORTED,
+    pynvml.NVML_ERROR_FUNCTION_NOT_FOUND,  # an older driver without this call
+    pynvml.NVML_ERROR_ARGUMENT_VERSION_MISMATCH,  # an older driver without this struct version
+})
 # Error kinds (the ``error`` of a down GPU and the ``kind`` label of gpu_exporter_poll_errors_total).
 _ERROR_KINDS = {
     pynvml.NVML_ERROR_GPU_IS_LOST: "gpu_lost",
@@ -356,8 +361,10 @@ class NvmlReader:
         try:
             handle = pynvml.nvmlDeviceGetHandleByIndex(index)
             return self._read_device(index, handle)
-        except pynvml.NVMLError as exc:
+        except Exception as exc:  # NVML errors, and anything unexpected: only this GPU is marked down
             kind = error_kind(exc)
+            if not isinstance(exc, pynvml.NVMLError):
+                log.exception("unexpected error reading GPU %d", index)
             key = _address(handle) if handle is not None else None
             uuid = self._uuid_by_handle.get(key, "") if key is not None else ""
             uuid = uuid or self._uuid_by_index.get(index, "unknown")
@@ -589,8 +596,7 @@ class NvmlReader:
         """Compute and graphics processes, one entry per PID (a process with both kinds of context is
         listed by NVML twice; it counts as compute), with SM utilization where NVML samples it."""
         by_pid: dict[int, tuple[str, int | None]] = {}
-        for ptype, fn in (("compute", pynvml.nvmlDeviceGetComputeRunningProcesses),
-                          ("graphics", pynvml.nvmlDeviceGetGraphicsRunningProcesses)):
+        for ptype, fn in (("compute", _compute_processes), ("graphics", _graphics_processes)):
             for p in r.get("processes", fn) or ():
                 if p.pid not in by_pid:
                     by_pid[p.pid] = (ptype, p.usedGpuMemory)
@@ -612,6 +618,21 @@ class NvmlReader:
             )
             for pid, (ptype, used) in sorted(by_pid.items())
         )
+
+
+def _compute_processes(handle: Any) -> list[Any]:
+    """v3 of the call (driver 510+), else v2: pynvml's unversioned wrapper raises a non-NVML error."""
+    try:
+        return pynvml.nvmlDeviceGetComputeRunningProcesses_v3(handle)
+    except pynvml.NVMLError_FunctionNotFound:
+        return pynvml.nvmlDeviceGetComputeRunningProcesses_v2(handle)
+
+
+def _graphics_processes(handle: Any) -> list[Any]:
+    try:
+        return pynvml.nvmlDeviceGetGraphicsRunningProcesses_v3(handle)
+    except pynvml.NVMLError_FunctionNotFound:
+        return pynvml.nvmlDeviceGetGraphicsRunningProcesses_v2(handle)
 
 
 def _field_value(fv: Any) -> float | int:

@@ -332,3 +332,25 @@ def test_read_without_any_nvml_library_does_not_raise() -> None:
     finally:
         reader.close()
     assert reader.read().nvml_up is False  # closed: still answers, never raises
+
+
+def test_unexpected_exception_on_one_gpu_marks_only_it_down(
+    rig: Callable[[Any], Rig], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import pynvml
+
+    r = rig("healthy-8gpu")
+    broken_uuid = r.read().gpus[2].uuid
+    real = pynvml.nvmlDeviceGetPowerUsage
+
+    def power(handle: Any) -> int:
+        if pynvml.nvmlDeviceGetUUID(handle) == broken_uuid:
+            raise ValueError("a bug in a wrapper")
+        return int(real(handle))
+
+    monkeypatch.setattr(pynvml, "nvmlDeviceGetPowerUsage", power)
+    snap = r.read()
+    assert snap.nvml_up and (snap.gpus[2].up, snap.gpus[2].error) == (False, "unknown")
+    assert snap.gpus[2].uuid == broken_uuid and all(g.up for i, g in enumerate(snap.gpus) if i != 2)
+    monkeypatch.setattr(pynvml, "nvmlDeviceGetPowerUsage", real)
+    assert r.read().gpus[2].power_usage_watts == 520
