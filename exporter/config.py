@@ -25,6 +25,7 @@ ENV_PREFIX = "GPU_EXPORTER_"
 # Variables read by the training hook (exporter.hook), which may share an environment with the exporter.
 HOOK_ENV = frozenset(
     {"GPU_EXPORTER_URL", "GPU_EXPORTER_JOB", "GPU_EXPORTER_TOKEN", "GPU_EXPORTER_TOKEN_FILE"}
+    | {"GPU_EXPORTER_PUSH_INTERVAL", "GPU_EXPORTER_HOOK"}
 )
 # Secrets read from the environment but never a flag (a flag would show up in `ps`); see ingest_auth.
 SECRET_ENV = frozenset({"GPU_EXPORTER_INGEST_TOKEN"})
