@@ -190,3 +190,27 @@ def test_promtool_lints_a_full_render(busy_snapshot: NodeSnapshot) -> None:
     result = subprocess.run([promtool, "check", "metrics"], input=render(busy_snapshot), capture_output=True,
                             text=True, timeout=60)
     assert result.returncode == 0 and not result.stdout.strip(), result.stdout + result.stderr
+
+
+def test_every_shipped_scenario_renders_and_lints() -> None:
+    """Older GPUs, faults and timelines (30 s steps of scenario time) must still render lint-clean."""
+    from exporter.simulate import load_scenario, shipped_scenarios
+
+    promtool = require_binary("promtool")
+    clock = [0.0]
+    for name in shipped_scenarios():
+        sim = install(load_scenario(name), clock=lambda: clock[0])
+        reader = NvmlReader("node-s", xid_retry_seconds=0.05)
+        try:
+            snap = reader.read()
+            for _ in range(10):
+                clock[0] += 30
+                snap = reader.read()
+        finally:
+            reader.close()
+            sim.uninstall()
+        body = render(snap)
+        assert snap.nvml_up and parse_metrics(body)["gpu_up"], name
+        result = subprocess.run([promtool, "check", "metrics"], input=body, capture_output=True, text=True,
+                                timeout=60)
+        assert result.returncode == 0 and not result.stdout.strip(), (name, result.stdout + result.stderr)

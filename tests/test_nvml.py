@@ -10,7 +10,7 @@ import pytest
 from support import wait_until
 
 from exporter.nvml import NvmlReader
-from exporter.simulate import SimulatedNvml, install, load_scenario, parse_scenario
+from exporter.simulate import SimulatedNvml, install, parse_scenario
 from exporter.snapshot import GpuSample, NodeSnapshot
 
 GiB = 2**30
@@ -308,16 +308,6 @@ def test_timeline_thermal_ramp_and_throttle(rig: Callable[[Any], Rig]) -> None:
     assert g.temperature_gpu_celsius == 90 and g.clock_event_reasons["sw_thermal_slowdown"]
     assert g.clocks_hertz["sm"] == 1200e6
     assert r.read().gpus[0].temperature_gpu_celsius == 60
-
-
-def test_shipped_scenarios_read_cleanly(rig: Callable[[Any], Rig]) -> None:
-    from exporter.simulate import shipped_scenarios
-
-    for name in shipped_scenarios():
-        r = rig(load_scenario(name))
-        snap = r.read()
-        assert snap.nvml_up and snap.gpus, name
-        r.close()
 
 
 def test_read_without_any_nvml_library_does_not_raise() -> None:
