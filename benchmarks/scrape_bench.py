@@ -205,8 +205,10 @@ def main() -> int:
     parser.add_argument("--sustained", type=float, default=3.0, help="sustained window, seconds (default 3)")
     parser.add_argument("--no-nvitop", action="store_true", help="measure only our exporter")
     args = parser.parse_args()
-    print(f"scrape_bench: {os.cpu_count()} CPUs, Python {sys.version.split()[0]}, poll interval 1 s, "
-          f"windows idle {args.idle:g} s / latency {args.latency:g} s / sustained {args.sustained:g} s")
+    print(f"scrape_bench: {os.cpu_count()} CPUs (load average {os.getloadavg()[0]:.1f}: other work skews p99), "
+          f"Python {sys.version.split()[0]}, poll interval 1 s, windows idle {args.idle:g} s / "
+          f"latency {args.latency:g} s / sustained {args.sustained:g} s; simulated NVML runs inside each "
+          "exporter, so its cost is in both columns")
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="scrape-bench-") as tmp:
         tmpdir = Path(tmp)
