@@ -86,6 +86,8 @@ def build(settings: Settings) -> Runtime:
     ]
     routers: list[APIRouter] = []
     status_sections: dict[str, Callable[[], Any]] = {}
+    # Whether XID events are being received, and for how many GPUs (they are pushed, not polled).
+    status_sections["xid_listener"] = lambda: {"gpus": len(reader.xid_listening)}
 
     # -- Features wire themselves in here: poller.enrichers.append(...), collectors.append(Source(...)),
     # -- routers.append(...), closers.append(...), status_sections["name"] = ...
