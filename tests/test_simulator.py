@@ -407,3 +407,19 @@ def test_nvitop_exporter_runs_unchanged_on_the_simulated_fleet(log_dir: Path) ->
     assert {v for _, v in metrics["gpu_utilization_Percentage"]} == {93.0}
     assert {v for _, v in metrics["gpu_power_usage_W"]} == {520.0}
     assert {v for _, v in metrics["gpu_temperature_C"]} == {62.0}
+
+
+def test_run_module_target(tmp_path: Path, log_dir: Path) -> None:
+    write(tmp_path, """\
+        import sys
+        import pynvml
+        pynvml.nvmlInit()
+        print("module", __name__, sys.argv, pynvml.nvmlDeviceGetCount())
+        """, name="probe_mod.py")
+    proc = ManagedProcess("probe-mod", [sys.executable, "-m", "exporter.simulate.run", "tiny", "--", "-m", "probe_mod",
+                                        "x"], log_dir, env={"PYTHONPATH": str(tmp_path)})
+    try:
+        assert proc.proc.wait(60) == 0
+    finally:
+        proc.stop()
+    assert "module __main__" in proc.log() and "'x'] 2" in proc.log()
