@@ -271,6 +271,7 @@ class NvmlReader:
         self._gpm_samples: dict[int, Any] = {}
         self._proc_util_since: dict[int, int] = {}
         self._down: set[str] = set()  # UUIDs of GPUs currently down (for logging transitions)
+        self._last_info: dict[str, GpuInfo] = {}  # by UUID, outlives NVML sessions
 
     # --- public -----------------------------------------------------------------------------------
 
@@ -298,9 +299,16 @@ class NvmlReader:
     def close(self) -> None:
         """Stop the XID listener and release NVML (idempotent)."""
         self._xid.stop()
-        with self._lock:
+        # A read stuck in a hung driver call holds the lock: then leave NVML alone rather than hang.
+        if not self._lock.acquire(timeout=5.0):
+            log.warning("NVML reader busy in a driver call; not shutting NVML down")
+            self._closed = True
+            return
+        try:
             self._closed = True
             self._shutdown()
+        finally:
+            self._lock.release()
 
     # --- node -------------------------------------------------------------------------------------
 
@@ -373,7 +381,9 @@ class NvmlReader:
                 self._down.add(uuid)
             if key is not None:
                 self._forget_device(key)
-            return GpuSample(index=index, uuid=uuid, up=False, error=kind, xid_errors=self._xid.counts(uuid))
+            # Last known identity stays, so gpu_info still names the GPU whose gpu_up is 0.
+            return GpuSample(index=index, uuid=uuid, up=False, error=kind, info=self._last_info.get(uuid),
+                             xid_errors=self._xid.counts(uuid))
 
     def _forget_device(self, key: int) -> None:
         """Drop per-session state of a GPU that failed, so a recovered GPU is read from scratch."""
@@ -401,6 +411,7 @@ class NvmlReader:
         mig_mode = None if mig is None else "enabled" if mig[0] == pynvml.NVML_DEVICE_MIG_ENABLE else "disabled"
         if info.mig_mode != mig_mode:  # the only identity fact that changes (after a GPU reset)
             info = self._info[key] = replace(info, mig_mode=mig_mode)
+        self._last_info[uuid] = info
 
         util = r.get("utilization_gpu_ratio", pynvml.nvmlDeviceGetUtilizationRates)
         mem = self._memory(r)

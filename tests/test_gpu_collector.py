@@ -138,8 +138,9 @@ def test_xid_counters_and_lost_gpu(samples: Samples) -> None:
     assert set(seen) == set(xids) and all(v > 1.7e9 for v in seen.values())
     up = by_gpu(samples, "gpu_up")
     assert up["3"] == 0 and sum(up.values()) == 7
-    # The down GPU keeps gpu_up and its XIDs; its other series are gone until it answers again.
-    assert "3" not in by_gpu(samples, "gpu_temperature_celsius") and "3" not in by_gpu(samples, "gpu_info")
+    # The down GPU keeps gpu_up, its XIDs and its identity (so alerts can name it); its other series are
+    # gone until it answers again.
+    assert "3" not in by_gpu(samples, "gpu_temperature_celsius") and "3" in by_gpu(samples, "gpu_info")
 
 
 def test_process_and_container_series(samples: Samples) -> None:

@@ -184,6 +184,7 @@ def test_lost_gpu_is_down_others_keep_reporting_then_recovers(rig: Callable[[Any
     snap = r.read()
     lost = snap.gpus[2]
     assert (lost.index, lost.uuid, lost.up, lost.error) == (2, uuid, False, "gpu_lost")
+    assert lost.info is not None and lost.info.name == "NVIDIA H100 80GB HBM3"  # last known identity
     assert lost.temperature_gpu_celsius is None and lost.processes == ()
     assert all(g.up and g.temperature_gpu_celsius == 62 for i, g in enumerate(snap.gpus) if i != 2)
     assert r.read().gpus[2].up is False  # retried every poll, still down
