@@ -112,7 +112,9 @@ def build(settings: Settings) -> Runtime:
     from exporter.collectors.training import TrainingCollector
     from exporter.ingest import IngestStore, make_ingest_router
 
-    store = IngestStore(settings.training_ttl, settings.training_max_processes)
+    store = IngestStore(
+        settings.training_ttl, settings.training_max_processes, max_jobs=settings.training_max_jobs
+    )
 
     def training_generation() -> int:
         store.expire()  # a process past its TTL must change the output even with no new push

@@ -191,6 +191,10 @@ class Settings:
     training_max_processes: int = setting(
         1024, "most training processes tracked at once (more are refused with 429)", parse_positive_int, "N"
     )
+    training_max_jobs: int = setting(
+        64, "most distinct training jobs tracked at once (a new job beyond it is refused with 429)",
+        parse_positive_int, "N",
+    )
     web_config_file: str | None = setting(
         None,
         "web-config file (Prometheus exporter-toolkit format): TLS (tls_server_config) and basic auth "

@@ -40,6 +40,9 @@ log = logging.getLogger(__name__)
 
 DEFAULT_TTL_SECONDS = 300.0
 DEFAULT_MAX_PROCESSES = 1024
+# Distinct training_job values tracked at once. With the process limit and the per-push limits
+# (MAX_LABEL_LENGTH, MAX_SERVICES) this bounds every training_* family's label sets.
+DEFAULT_MAX_JOBS = 64
 _TOP_KEYS = frozenset(
     {"schema", "seq", "process_start_time", "sent_at", "identity", "counters", "gauges"}
     | {"auth_failures", "token_expiry", "api_quota"}
@@ -255,9 +258,11 @@ class IngestStore:
         max_processes: int = DEFAULT_MAX_PROCESSES,
         clock: Callable[[], float] = time.time,
         namespace_of: Callable[[int], tuple[int, int] | None] = namespace_of,
+        max_jobs: int = DEFAULT_MAX_JOBS,
     ) -> None:
         self.ttl_seconds = float(ttl_seconds)
         self.max_processes = int(max_processes)
+        self.max_jobs = int(max_jobs)
         self._clock = clock
         self._namespace_of = namespace_of
         self._own_ns = _own_pid_namespace()
@@ -294,10 +299,22 @@ class IngestStore:
                     f"already tracking {self.max_processes} training processes (--training-max-processes)",
                     429,
                 )
+            elif self._job_limit_reached_locked(report.training_job):
+                self._count_rejected_locked("cardinality")
+                raise IngestError(
+                    "cardinality", f"already tracking {self.max_jobs} training jobs (--training-max-jobs)", 429
+                )
             self._processes[key] = TrackedProcess(report, now)
             self._requests["accepted"] += 1
             self.generation += 1
             return "accepted"
+
+    def _job_limit_reached_locked(self, job: str) -> bool:
+        """Would a new process of ``job`` add one distinct job too many? (Only new processes ask.)"""
+        if len(self._processes) < self.max_jobs:  # fewer processes than the limit: fewer jobs too
+            return False
+        jobs = {k[1] for k in self._processes}
+        return job not in jobs and len(jobs) >= self.max_jobs
 
     def count_rejected(self, reason: str) -> None:
         """Count a refused push (the router calls this; so may auth / rate-limit dependencies)."""

@@ -443,19 +443,54 @@ def test_guard_body_limits(local_client: Any) -> None:
     assert app.state.seen == [b"x" * 1024]
 
 
+# ------------------------------------------------------------------------------ cardinality of the store
+
+
+def _push(pid: int, job: str = "live", rank: int = 0, seq: int = 1) -> bytes:
+    from exporter.hook.schema import COUNTERS
+
+    return json.dumps({
+        "schema": 1, "seq": seq, "process_start_time": 1_700_000_000.0,
+        "identity": {"hostname": "n", "training_job": job, "rank": str(rank), "pid": pid},
+        "counters": {k: 1.0 for k in COUNTERS},
+    }).encode()
+
+
+def test_store_limits_distinct_jobs_and_processes() -> None:
+    """New jobs past --training-max-jobs and new processes past --training-max-processes get 429;
+    existing ones keep updating, and expiry frees room."""
+    from exporter.ingest import IngestError, IngestStore, validate_report
+
+    now = [1000.0]
+    store = IngestStore(ttl_seconds=60, max_processes=6, clock=lambda: now[0], max_jobs=2)
+
+    def push(job: str, rank: int, seq: int = 1) -> str:
+        return store.submit(validate_report(json.loads(_push(100 + rank, job, rank, seq))))
+
+    assert [push("a", r) for r in range(4)] == ["accepted"] * 4
+    assert push("b", 0) == "accepted"
+    with pytest.raises(IngestError, match="2 training jobs") as err:
+        push("c", 0)
+    assert err.value.status == 429 and err.value.reason == "cardinality"
+    assert push("a", 4) == "accepted" and push("a", 0, seq=2) == "accepted"  # known job: fine
+    with pytest.raises(IngestError, match="6 training processes"):
+        push("b", 1)
+    assert push("b", 0, seq=2) == "accepted"  # an update is never refused
+    _, rejected, tracked = store.stats()
+    assert rejected == {"cardinality": 2} and tracked == 6
+    now[0] += 30
+    for r in range(5):
+        push("a", r, seq=3)
+    now[0] += 45  # b is now 75 s old: expired
+    assert push("c", 0) == "accepted"
+    assert {p.report.training_job for p in store.processes()} == {"a", "c"}
+
+
 # ------------------------------------------------------------------------ the real exporter, end to end
 
 TOKEN = "live-ingest-token-0123456789abcdef"
 
 
-def _push(pid: int) -> bytes:
-    from exporter.hook.schema import COUNTERS
-
-    return json.dumps({
-        "schema": 1, "seq": 1, "process_start_time": 1_700_000_000.0,
-        "identity": {"hostname": "n", "training_job": "live", "rank": "0", "pid": pid},
-        "counters": {k: 1.0 for k in COUNTERS},
-    }).encode()
 
 
 def _https(url: str, ctx: ssl.SSLContext, method: str = "GET", body: bytes | None = None,
