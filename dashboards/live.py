@@ -84,7 +84,7 @@ def resolve_variables(
         if not values:
             raise KeyError(f"{dash.get('title')}: variable ${var['name']} ({variable_query(var)}) has no values")
         name = str(var["name"])
-        if var.get("includeAll") and name not in prefer:
+        if var.get("includeAll"):
             out[name] = str(var.get("allValue") or regex_value(values))
         else:
             out[name] = regex_value([prefer[name] if prefer.get(name) in values else values[0]])

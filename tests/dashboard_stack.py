@@ -42,14 +42,9 @@ RATE_INTERVAL = f"{4 * SCRAPE_SECONDS + 1}s"
 FAULT_GPU = "1"  # XID / ECC / remap / throttling land here; the GPU detail dashboard looks at it
 JOB_GPUS = ("1", "2")  # the two ranks' processes are placed on these simulated GPUs
 IDLE_GPU = "2"  # holds rank 1's process but is made idle: "idle but allocated"
-ALERT_RULES = ("alerts/fast/gpu-exporter.rules.yml", "alerts/gpu-exporter.rules.yml")
-WATCHDOG_RULE = """groups:
-  - name: dashboards-live-test
-    rules:
-      - alert: GpuWatchdog
-        expr: vector(1)
-        labels: {severity: info}
-"""
+LOST_GPU = "5"  # XID 79 ("fallen off the bus") makes it lost: "GPUs down" in the fleet
+# The shipped rules, fast profile (same expressions, short `for:`): the alert panels read ALERTS.
+ALERT_RULES = REPO_ROOT / "alerts" / "fast" / "gpu-exporter.rules.yml"
 
 
 class DashboardStack:
@@ -90,10 +85,7 @@ class DashboardStack:
             self.log_dir, "--simulate", SCENARIO, "--interval", "0.5", "--host-label", HOST, "--docker", "off"
         )
         self.procs.append(exporter)
-        rule_files = [str(REPO_ROOT / p) for p in ALERT_RULES[:1] if (REPO_ROOT / p).exists()]
-        if not any("GpuWatchdog" in Path(f).read_text() for f in rule_files):
-            (self.log_dir / "watchdog.yml").write_text(WATCHDOG_RULE)
-            rule_files.append(str(self.log_dir / "watchdog.yml"))
+        rule_files = [str(ALERT_RULES)]
         target = self.exporter.removeprefix("http://")
         config = {
             "global": {"scrape_interval": f"{SCRAPE_SECONDS}s", "evaluation_interval": f"{SCRAPE_SECONDS}s"},
@@ -144,7 +136,9 @@ class DashboardStack:
             self._event({"gpu": int(gpu), "add_process": {"pid": pids[rank], "type": "compute",
                                                           "used_memory_bytes": "9GiB", "name": "python"}})
         self._event({"gpu": int(IDLE_GPU), "set": {"utilization_gpu_ratio": 0.0}})
-        self._event({"gpu": int(FAULT_GPU), "xid": 79})
+        # Not 79 on FAULT_GPU: that XID also loses the GPU, and a lost GPU has no series to look at.
+        self._event({"gpu": int(FAULT_GPU), "xid": 48})
+        self._event({"gpu": int(LOST_GPU), "xid": 79})
         self._event({"gpu": int(FAULT_GPU), "add_ecc_errors": {"corrected": 3, "uncorrected": 1}})
         self._event({"gpu": int(FAULT_GPU), "set": {
             "pcie_replay_errors": 5,

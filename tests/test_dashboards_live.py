@@ -1,7 +1,7 @@
 """Every query of every dashboard panel returns data from a real Prometheus.
 
 A real Prometheus scrapes the real exporter running the simulated healthy-8gpu node, two ranks of the
-sample workload report through the hook, and faults are injected (simulator events: XID, ECC, PCIe
+sample workload report through the hook, and faults are injected (simulator events: XIDs, a lost GPU, ECC, PCIe
 replays, row remaps, throttling, an idle GPU; workload faults: OOM, NaN loss, expired token, a slow
 rank) so the panels for rare events have data too. Template variables are resolved from the live
 label values (dashboards.live); a query that returns nothing fails the test with the dashboard, the
@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from dashboard_stack import HOST, JOB, DashboardStack
 
-from dashboards.live import PrometheusError, label_values, run
+from dashboards.live import PrometheusError, label_values, prom_api, run
 from dashboards.queries import Query
 
 
@@ -33,6 +33,10 @@ def test_every_panel_query_returns_data(log_dir: Path) -> None:
         # The variables resolved from live data, not from a default: the test saw the real labels.
         assert label_values(stack.prometheus, "training_info", "training_job", window) == [JOB]
         assert HOST in label_values(stack.prometheus, "gpu_up", "host", window)
+        # The shipped (fast-profile) rules are loaded and evaluate: the alert panels show real ALERTS.
+        rules = [r for g in prom_api(stack.prometheus, "rules", {})["groups"] for r in g["rules"]]
+        assert len(rules) > 10, rules
+        assert [r["name"] for r in rules if r.get("health") != "ok"] == []
         # The check can fail: a misspelled metric returns no data and a bad query is refused.
         q = Query("test", "typo", "A", 'gpu_utilisation_ratio{host=~"$host"}', False)
         assert run(stack.prometheus, q, {"host": HOST}, window)[1] == []
