@@ -24,6 +24,10 @@ from support import REPO_ROOT, ManagedProcess, start_alertmanager, start_exporte
 ALERTS_DIR = REPO_ROOT / "alerts"
 # The address the shipped configs send webhooks to (the demo's receiver); tests replace it.
 SHIPPED_WEBHOOK = "http://127.0.0.1:9099"
+# Prometheus flags of the fast profile (see alerts/prometheus-fast.yml): resend firing alerts every
+# second instead of every minute, so an alert evaluated before Prometheus has discovered Alertmanager
+# (the first seconds after start) is not held back for a minute.
+PROMETHEUS_FAST_ARGS = ("--rules.alert.resend-delay=1s",)
 
 
 @dataclass(frozen=True)
@@ -172,8 +176,12 @@ def alert_stack(log_dir: Path, exporter_args: Sequence[str]) -> Iterator[AlertSt
         started.append(am)
         exp, exp_url = start_exporter(log_dir, *exporter_args)
         started.append(exp)
-        prom, prom_url = start_prometheus(log_dir, prometheus_config(_hostport(exp_url), _hostport(am_url)))
+        prom, prom_url = start_prometheus(
+            log_dir, prometheus_config(_hostport(exp_url), _hostport(am_url)), extra_args=PROMETHEUS_FAST_ARGS
+        )
         started.append(prom)
+        # The always-firing watchdog reaching the webhook proves the whole path is connected.
+        webhook.wait_for_alert(labels_match(alertname="GpuWatchdog"), timeout=30)
         yield AlertStack(exp, exp_url, prom, prom_url, am, am_url, webhook, started)
     finally:
         for proc in reversed(started):
