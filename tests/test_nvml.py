@@ -345,3 +345,24 @@ def test_unexpected_exception_on_one_gpu_marks_only_it_down(
     assert snap.gpus[2].uuid == broken_uuid and all(g.up for i, g in enumerate(snap.gpus) if i != 2)
     monkeypatch.setattr(pynvml, "nvmlDeviceGetPowerUsage", real)
     assert r.read().gpus[2].power_usage_watts == 520
+
+
+def test_nvml_failing_mid_run_reinitialises(rig: Callable[[Any], Rig], monkeypatch: pytest.MonkeyPatch) -> None:
+    """The driver going away under a running reader (count fails): nvml_up=False, then a fresh session."""
+    import pynvml
+
+    r = rig("healthy-8gpu")
+    uuids = [g.uuid for g in r.read().gpus]
+    r.wait_listening(uuids[7])
+    real = pynvml.nvmlDeviceGetCount
+
+    def gone() -> int:
+        raise pynvml.NVMLError(pynvml.NVML_ERROR_DRIVER_NOT_LOADED)
+
+    monkeypatch.setattr(pynvml, "nvmlDeviceGetCount", gone)
+    assert r.read().nvml_up is False
+    monkeypatch.setattr(pynvml, "nvmlDeviceGetCount", real)
+    snap = r.read()
+    assert snap.nvml_up and [g.uuid for g in snap.gpus] == uuids and all(g.up for g in snap.gpus)
+    r.sim.apply({"gpu": 7, "xid": 31})  # the listener's event set outlived the blip, or was rebuilt
+    wait_until(lambda: 31 in r.gpu(uuids[7]).xid_errors, timeout=10, message="XID after NVML re-init")
