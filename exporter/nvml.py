@@ -145,10 +145,13 @@ class _XidListener:
     """Counts XID errors from NVML's event API on a background thread, per GPU UUID and XID code.
 
     It holds its own NVML reference (nvmlInit is reference-counted) so it lives through the reader's
-    re-inits. The event set is rebuilt whenever the reader reports a different set of GPUs (one
-    vanished, returned or recovered) or NVML fails, so events keep flowing after faults. The UUID of
-    each registered handle is remembered at registration: after XID 79 the GPU cannot tell it anymore.
+    re-inits. When the reader reports a different set of answering GPUs (one vanished, returned or
+    recovered) every GPU is registered again on the same event set; when NVML fails, the thread starts
+    a new NVML session with backoff. The UUID of each registered handle is remembered at registration:
+    after XID 79 the GPU cannot tell it anymore.
     """
+
+    MAX_RETRY_SECONDS = 30.0
 
     WAIT_MS = 250  # bounds how long close() waits for the thread
 
@@ -161,6 +164,7 @@ class _XidListener:
         self.registered: frozenset[str] = frozenset()  # GPUs whose XIDs are being received now
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._failures = 0  # NVML sessions failed in a row (backoff)
 
     def start(self) -> None:
         if self._thread is None:
@@ -193,20 +197,27 @@ class _XidListener:
             try:
                 pynvml.nvmlInit()
             except pynvml.NVMLError as exc:
-                log.debug("XID listener: nvmlInit failed (%s); retrying", exc)
-                self._stop.wait(self._retry_seconds)
+                self._backoff(f"nvmlInit failed ({exc})")
                 continue
             try:
                 self._listen()
             except pynvml.NVMLError as exc:
-                log.info("XID listener: NVML error (%s); re-registering", exc)
-                self._stop.wait(self._retry_seconds)
+                self._backoff(f"NVML error ({exc})")
             except Exception:
                 log.exception("XID listener failed; restarting it")
-                self._stop.wait(self._retry_seconds)
+                self._backoff("unexpected error")
             finally:
                 with contextlib.suppress(pynvml.NVMLError):
                     pynvml.nvmlShutdown()
+
+    def _backoff(self, why: str) -> None:
+        """Wait before the next NVML session, longer each time it keeps failing (no log flood when
+        there is no driver, or the platform has no event API); logged once per outage."""
+        self._failures += 1
+        delay = min(self.MAX_RETRY_SECONDS, self._retry_seconds * 2 ** (self._failures - 1))
+        log.log(logging.INFO if self._failures == 1 else logging.DEBUG,
+                "XID listener: %s; retrying in %.2gs", why, delay)
+        self._stop.wait(delay)
 
     def _listen(self) -> None:
         """One event set per NVML session: register every reachable GPU, wait for events, and register
@@ -217,6 +228,7 @@ class _XidListener:
             while not self._stop.is_set():
                 wanted = self._wanted
                 self.registered = self._register(event_set, uuids)
+                self._failures = 0
                 while not self._stop.is_set() and self._wanted == wanted:
                     try:
                         data = pynvml.nvmlEventSetWait_v2(event_set, self.WAIT_MS)
@@ -272,6 +284,7 @@ class NvmlReader:
         self._proc_util_since: dict[int, int] = {}
         self._down: set[str] = set()  # UUIDs of GPUs currently down (for logging transitions)
         self._last_info: dict[str, GpuInfo] = {}  # by UUID, outlives NVML sessions
+        self._nvml_failing = False
 
     # --- public -----------------------------------------------------------------------------------
 
@@ -282,13 +295,16 @@ class NvmlReader:
                 return NodeSnapshot(host=self.host, timestamp_seconds=self._wall_clock(), nvml_up=False)
             self._xid.start()
             try:
-                return self._read()
+                snapshot = self._read()
+                self._nvml_failing = False
+                return snapshot
             except pynvml.NVMLError as exc:
-                log.warning("NVML unavailable: %s", exc)
-                self._shutdown()
+                # Once per outage: without a driver this would otherwise repeat every poll.
+                log.log(logging.DEBUG if self._nvml_failing else logging.WARNING, "NVML unavailable: %s", exc)
             except Exception:
                 log.exception("unexpected error reading NVML")
-                self._shutdown()
+            self._nvml_failing = True
+            self._shutdown()
             return NodeSnapshot(host=self.host, timestamp_seconds=self._wall_clock(), nvml_up=False)
 
     @property
