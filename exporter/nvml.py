@@ -430,6 +430,8 @@ class NvmlReader:
         self._last_info[uuid] = info
 
         util = r.get("utilization_gpu_ratio", pynvml.nvmlDeviceGetUtilizationRates)
+        if util is None and "utilization_gpu_ratio" in r.unsupported:
+            r.unsupported.add("utilization_memory_ratio")  # one NVML call answers both
         mem = self._memory(r)
         fan = r.get("fan_speed_ratio", pynvml.nvmlDeviceGetFanSpeed)
         pstate = r.get("performance_state", pynvml.nvmlDeviceGetPerformanceState)
