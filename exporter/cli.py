@@ -31,7 +31,7 @@ class Runtime:
     simulator: Any | None = None
     closers: list[Callable[[], None]] = field(default_factory=list)
     reader_close: Callable[[], None] | None = None
-    uvicorn_options: dict[str, Any] = field(default_factory=dict)  # TLS from the web-config file
+    uvicorn_options: dict[str, Any] = field(default_factory=dict)  # TLS, connection limits
 
     def close(self) -> None:
         closers = self.closers
@@ -158,7 +158,7 @@ def _add_access_control(
 ) -> dict[str, Any]:
     """Web-config (TLS, basic auth) and the ingest guard (token, rate limit, body limits).
 
-    Returns the uvicorn keyword arguments that turn TLS on. Raises ConfigError on an unusable
+    Returns uvicorn keyword arguments: TLS, and the connection limits of exporter.http_limits. Raises ConfigError on an unusable
     web-config file or token, so the exporter never serves with less protection than configured.
     """
     from exporter.hook.schema import MAX_BODY_BYTES
@@ -197,7 +197,10 @@ def _add_access_control(
     }
     if not web.basic_auth_users and settings.listen[0] not in ("127.0.0.1", "::1", "localhost"):
         log.info("/metrics is served without authentication on %s (see --web-config-file)", settings.listen[0])
-    return uvicorn_ssl_kwargs(web.tls)
+    from exporter.http_limits import guarded_protocol_class
+
+    # Bounded request heads (size and read time) and bodies on every connection, TLS or not.
+    return {"http": guarded_protocol_class(), **uvicorn_ssl_kwargs(web.tls)}
 
 
 def serve(runtime: Runtime) -> int:
@@ -229,7 +232,9 @@ def serve(runtime: Runtime) -> int:
         settings.summary()["listen"],
         settings.interval,
         f", simulating {settings.simulate}" if settings.simulate else "",
-        settings.listen_url.replace("http://", "https://") if runtime.uvicorn_options else settings.listen_url,
+        settings.listen_url.replace("http://", "https://")
+        if "ssl_certfile" in runtime.uvicorn_options
+        else settings.listen_url,
     )
     try:
         server.run()
