@@ -197,10 +197,10 @@ def _add_access_control(
     }
     if not web.basic_auth_users and settings.listen[0] not in ("127.0.0.1", "::1", "localhost"):
         log.info("/metrics is served without authentication on %s (see --web-config-file)", settings.listen[0])
-    from exporter.http_limits import guarded_protocol_class
+    from exporter.http_limits import uvicorn_limits
 
-    # Bounded request heads (size and read time) and bodies on every connection, TLS or not.
-    return {"http": guarded_protocol_class(), **uvicorn_ssl_kwargs(web.tls)}
+    # Bounded connections, request heads (size and read time) and bodies, TLS or not.
+    return {**uvicorn_limits(), **uvicorn_ssl_kwargs(web.tls)}
 
 
 def serve(runtime: Runtime) -> int:

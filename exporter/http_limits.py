@@ -12,7 +12,9 @@ it runs only once the head is complete. So this subclasses uvicorn's own protoco
 - answers 413 and closes when a request body exceeds ``MAX_BODY_BYTES`` (the ingest API's own limit
   is far lower; this bounds every route, including ones that read the whole body).
 
-Pass ``http=guarded_protocol_class()`` to ``uvicorn.Config``.
+Pass ``**uvicorn_limits()`` to ``uvicorn.Config``: the protocol class, and uvicorn's own
+``limit_concurrency`` (``MAX_CONNECTIONS``: beyond it requests get 503 at once), so the number of
+connections, each holding at most one bounded head or one unread response, is bounded too.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ log = logging.getLogger(__name__)
 MAX_HEAD_BYTES = 64 * 1024
 HEAD_TIMEOUT_SECONDS = 10.0
 MAX_BODY_BYTES = 1024 * 1024
+MAX_CONNECTIONS = 512  # a node has a few scrapers and one pusher per training process
 
 _REASONS = {408: b"Request Timeout", 413: b"Content Too Large", 431: b"Request Header Fields Too Large"}
 
@@ -115,3 +118,8 @@ def guarded_protocol_class(
             super().connection_lost(exc)
 
     return GuardedHttpProtocol
+
+
+def uvicorn_limits(max_connections: int = MAX_CONNECTIONS) -> dict[str, Any]:
+    """``uvicorn.Config`` keyword arguments with every limit of this module."""
+    return {"http": guarded_protocol_class(), "limit_concurrency": max_connections}

@@ -19,7 +19,7 @@ from starlette.responses import PlainTextResponse
 from starlette.routing import Route
 from support import free_port, start_exporter, wait_until
 
-from exporter.http_limits import guarded_protocol_class
+from exporter.http_limits import guarded_protocol_class, uvicorn_limits
 
 HEAD, TIMEOUT, BODY = 4096, 1.0, 100_000
 
@@ -128,6 +128,30 @@ def test_oversized_body_gets_413(server: tuple[str, int]) -> None:
                 s.sendall(b"1000\r\n" + b"y" * 4096 + b"\r\n")
         reply = read_all(s)
     assert reply.startswith(b"HTTP/1.1 413")
+
+
+def test_connections_beyond_the_limit_get_503() -> None:
+    app = Starlette(routes=[Route("/echo", echo, methods=["GET", "POST"])])
+    port = free_port()
+    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None, lifespan="off",
+                                        **uvicorn_limits(max_connections=4)))
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    try:
+        wait_until(lambda: srv.started, timeout=10, message="uvicorn started")
+        idle = [connect(("127.0.0.1", port)) for _ in range(4)]
+        with connect(("127.0.0.1", port)) as extra:
+            extra.sendall(request(b"", close=True))
+            assert read_all(extra).startswith(b"HTTP/1.1 503")
+        for s in idle:
+            s.close()
+        wait_until(lambda: len(srv.server_state.connections) == 0, timeout=10, message="connections gone")
+        with connect(("127.0.0.1", port)) as again:
+            again.sendall(request(b"ok", close=True))
+            assert read_all(again).startswith(b"HTTP/1.1 200")
+    finally:
+        srv.should_exit = True
+        thread.join(10)
 
 
 def test_real_exporter_memory_does_not_follow_a_huge_header(tmp_path: Path) -> None:
