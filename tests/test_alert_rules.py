@@ -80,6 +80,7 @@ def test_promtool_check_rules() -> None:
     assert result.stdout.count("SUCCESS") == len(RULE_FILES)
 
 
+@pytest.mark.slow  # ≈4 s: promtool evaluates hours of series at 1-minute steps
 def test_promtool_unit_tests_pass() -> None:
     promtool = require_binary("promtool")
     assert UNIT_TESTS, "no alerts/tests/*.test.yml"
