@@ -8,6 +8,7 @@ figures; asserts nothing.
 
     python -m benchmarks.ingest_bench                       # 2 pushers x 16 processes, 15 s
     python -m benchmarks.ingest_bench --pushers 4 --duration 30
+    python -m benchmarks.ingest_bench --rate 64                # a busy node: 64 ranks pushing every second
 """
 
 from __future__ import annotations
@@ -48,13 +49,17 @@ def push_body(pid: int, seq: int, job: str) -> bytes:
     }).encode()
 
 
-def pusher(addr: tuple[str, int], worker: int, processes: int, until: float, out: Any) -> None:
-    """Push as fast as the exporter answers until ``until`` (monotonic); report counts by status."""
+def pusher(addr: tuple[str, int], worker: int, processes: int, until: float, out: Any, rate: float) -> None:
+    """Push until ``until`` (monotonic), as fast as the exporter answers or at ``rate`` per second;
+    report counts by status."""
     conn = http.client.HTTPConnection(*addr, timeout=10)
     counts: dict[int, int] = {}
     seq = 0
     headers = {"Content-Type": "application/json"}
+    start = time.monotonic()
     while time.monotonic() < until:
+        if rate > 0:
+            time.sleep(max(0.0, start + seq / rate - time.monotonic()))
         seq += 1
         pid = 100_000 + worker * 1000 + seq % processes
         try:
@@ -105,6 +110,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--idle", type=float, default=5.0, help="seconds of scraping without load first")
     p.add_argument("--pushers", type=int, default=2, help="pusher processes (default 2)")
     p.add_argument("--processes", type=int, default=16, help="training processes each pusher plays")
+    p.add_argument("--rate", type=float, default=0.0,
+                   help="total pushes per second to offer (default 0: as fast as the exporter takes them)")
     p.add_argument("--scrape-period", type=float, default=0.05, help="seconds between scrapes")
     args = p.parse_args(argv)
 
@@ -123,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
         until = time.monotonic() + args.duration
         cpu0 = cpu_seconds(exporter.pid)
         t0 = time.monotonic()
-        procs = [ctx.Process(target=pusher, args=(addr, w, args.processes, until, out)) for w in range(args.pushers)]
+        procs = [ctx.Process(target=pusher, args=(addr, w, args.processes, until, out, args.rate / args.pushers)) for w in range(args.pushers)]
         for proc in procs:
             proc.start()
         loaded: list[float] = []
@@ -145,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
 
     accepted = totals.get(202, 0)
     print(f"machine: {os.cpu_count()} CPUs; exporter on {base}; {args.pushers} pushers x {args.processes} "
-          f"processes, {args.duration:.0f} s")
+          f"processes, {args.duration:.0f} s, offered rate {args.rate or 'unlimited'}/s")
     print(f"sustained ingest: {accepted / elapsed:.0f} snapshots/s accepted ({accepted} in {elapsed:.1f} s); "
           f"other statuses: { {k: v for k, v in totals.items() if k != 202} or 'none'}")
     print(f"exporter CPU: {cpu:.1f} s over the load, {cpu / max(accepted, 1) * 1e6:.0f} us per accepted snapshot")
