@@ -60,7 +60,7 @@ def guarded_protocol_class(
 
         def _start_head(self) -> None:
             self._in_head = True
-            self._count = 0  # bytes of the current head, then of the current body
+            self._count = 0  # bytes of the current request so far (head, then head + body)
             if self._head_timer is not None:
                 self._head_timer.cancel()
             self._head_timer = self.loop.call_later(head_timeout_seconds, self._head_timed_out)
@@ -92,16 +92,16 @@ def guarded_protocol_class(
                 return
             cycle = self.cycle
             if self._in_head and cycle is not None and cycle is not self._seen_cycle:
-                # the head completed within this chunk: what follows counts as body
+                # The head completed within this chunk. Where it ended is not known here, so the
+                # body limit below applies to head + body (the head is at most max_head_bytes).
                 self._seen_cycle = cycle
                 self._in_head = False
-                self._count = 0
                 if self._head_timer is not None:
                     self._head_timer.cancel()
                     self._head_timer = None
             elif self._in_head and self._count > max_head_bytes:
                 self._refuse(431, f"request head larger than {max_head_bytes} bytes")
-            elif not self._in_head and self._count > max_body_bytes:
+            elif not self._in_head and self._count > max_body_bytes + max_head_bytes:
                 self._refuse(413, f"request body larger than {max_body_bytes} bytes")
 
         def on_response_complete(self) -> None:
