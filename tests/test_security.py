@@ -555,6 +555,31 @@ def test_live_tls_basic_auth_and_ingest_token(tmp_path: Path, pki: dict[str, Pat
     assert TOKEN not in proc.log() and PASSWORD not in proc.log()
 
 
+def test_live_mutual_tls(tmp_path: Path, pki: dict[str, Path]) -> None:
+    """client_auth_type RequireAndVerifyClientCert: no client certificate, no connection."""
+    from support import ManagedProcess, free_port, parse_metrics, wait_until
+
+    web = write(tmp_path, f"tls_server_config:\n  cert_file: {pki['server_crt']}\n  key_file: {pki['server_key']}\n"
+                          f"  client_auth_type: RequireAndVerifyClientCert\n  client_ca_file: {pki['ca_crt']}\n")
+    port = free_port()
+    proc = ManagedProcess("exporter-mtls", [
+        sys.executable, "-m", "exporter", "--listen", f"127.0.0.1:{port}", "--simulate", "healthy-8gpu",
+        "--web-config-file", str(web),
+    ], tmp_path)
+    base = f"https://127.0.0.1:{port}"
+    with_cert = ssl.create_default_context(cafile=str(pki["ca_crt"]))
+    with_cert.load_cert_chain(str(pki["client_crt"]), str(pki["client_key"]))
+    without_cert = ssl.create_default_context(cafile=str(pki["ca_crt"]))
+    try:
+        wait_until(lambda: _https(base + "/readyz", with_cert)[0] == 200, timeout=30, message="exporter over mTLS")
+        status, body = _https(base + "/metrics", with_cert)
+        assert status == 200 and len(parse_metrics(body)["gpu_up"]) == 8
+        with pytest.raises(OSError):  # TLS 1.3 may report the refusal at the first read
+            _https(base + "/metrics", without_cert)
+    finally:
+        proc.stop()
+
+
 @pytest.mark.parametrize(
     ("setup", "expected"),
     [
