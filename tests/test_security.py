@@ -443,6 +443,34 @@ def test_guard_body_limits(local_client: Any) -> None:
     assert app.state.seen == [b"x" * 1024]
 
 
+def test_guard_times_out_a_slow_body() -> None:
+    """A push whose body never finishes arriving (slow loris on the ingest API): 408, reason timeout."""
+    import threading
+    import time
+
+    import uvicorn
+    from support import free_port, wait_until
+
+    rejected: list[str] = []
+    app = _guarded_app(None, rejected, body_timeout_seconds=0.5)
+    port = free_port()
+    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None, lifespan="off"))
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    try:
+        wait_until(lambda: srv.started, timeout=10, message="uvicorn started")
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+            started = time.monotonic()
+            s.sendall(b"POST " + INGEST.encode() + b" HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{")
+            reply = s.recv(4096)
+            assert reply.startswith(b"HTTP/1.1 408"), reply
+            assert time.monotonic() - started < 4
+        assert rejected == ["timeout"] and app.state.seen == []
+    finally:
+        srv.should_exit = True
+        thread.join(10)
+
+
 # ------------------------------------------------------------------------------ cardinality of the store
 
 
