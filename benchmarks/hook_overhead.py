@@ -6,13 +6,14 @@ Three measurements, each with and without the hook in the same process, alternat
 1. micro: a tiny step (one in-place add on a small tensor) repeated many times, so the hook's own
    cost (``with mon.step(samples=...)`` + ``mon.observe_loss(...)``) is visible. The sender thread runs
    and pushes to a loopback receiver meanwhile, as in a real job.
-2. workload: the sample workload (``workload.train``, CPU) alternately with and without the hook;
-   step-time ratio = median seconds per step with / without.
+2. workload: the sample workload's training step (``workload.train``: model, synthetic batch, losses,
+   CPU), each step timed, blocks alternating with and without the hook; step-time ratio = median
+   seconds per step with / without.
 3. ``--cuda``: the micro loop on the GPU with a CUDA loss tensor under
    ``torch.cuda.set_sync_debug_mode("error")``, plus the sender's payload build (allocator stats, OOM
    observer) on the training thread: any synchronising call the hook makes raises and fails the run.
 
-    python benchmarks/hook_overhead.py [--blocks 60 --block-steps 2000 --workload-rounds 20] [--cuda]
+    python benchmarks/hook_overhead.py [--blocks 60 --block-steps 2000 --workload-rounds 20 --workload-steps 150] [--cuda]
 
 Prints figures; exits 1 only when ``--cuda`` caught a synchronisation (or CUDA is missing).
 Targets (issue 3): <= 10 µs per step, <= 0.5 % step time, zero syncs.
@@ -27,6 +28,7 @@ import statistics
 import sys
 import threading
 import time
+import timeit
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -37,6 +39,7 @@ if str(REPO_ROOT) not in sys.path:  # run as a script: make exporter/ and worklo
     sys.path.insert(0, str(REPO_ROOT))
 
 import torch  # noqa: E402
+from torch.nn import functional as F  # noqa: E402
 
 import exporter.hook as gpu_hook  # noqa: E402
 
@@ -101,8 +104,22 @@ def micro(blocks: int, block_steps: int, url: str, device: str, push_interval: f
                 runs[name].append(per[name])
             pairs.append(per["with"] - per["without"])
     steps_recorded = mon.steps
+
+    def empty_step() -> None:
+        with mon.step(samples=8):
+            pass
+
+    calls = {  # best of 5 repeats: the cost of each call itself, with contention filtered out
+        name: min(timeit.repeat(fn, number=20000, repeat=5)) / 20000 * 1e6
+        for name, fn in (
+            ("step_context_us", empty_step),
+            ("observe_loss_tensor_us", lambda: mon.observe_loss(loss)),
+            ("observe_loss_float_us", lambda: mon.observe_loss(0.5)),
+        )
+    }
     gpu_hook.stop(flush=True)
     return {
+        **calls,
         "without_us": statistics.median(runs["without"]),
         "with_us": statistics.median(runs["with"]),
         "overhead_us": statistics.median(pairs),
@@ -112,31 +129,72 @@ def micro(blocks: int, block_steps: int, url: str, device: str, push_interval: f
     }
 
 
-def workload(rounds: int, steps: int, url: str, push_interval: float) -> dict[str, float]:
-    """Median seconds per step of the sample workload (CPU) without / with the hook, alternating."""
-    from workload.train import build_parser, train
+def workload(rounds: int, block_steps: int, url: str, push_interval: float) -> dict[str, float]:
+    """Median seconds per step of the sample workload's step (CPU) without / with the hook.
 
-    base = ["--device", "cpu", "--log-every", "0", "--steps", str(steps), "--exporter-url", url]
-    base += ["--push-interval", str(push_interval)]
-    per_step: dict[str, list[float]] = {"without": [], "with": []}
-    ratios: list[float] = []
-    train(build_parser().parse_args([*base, "--steps", "20", "--no-hook"]), 0, 1)  # warm-up
-    for i in range(rounds):
-        order = ["without", "with"] if i % 2 == 0 else ["with", "without"]
-        got: dict[str, float] = {}
-        for name in order:
-            args = build_parser().parse_args(base + (["--no-hook"] if name == "without" else []))
-            result = train(args, 0, 1)
-            got[name] = result.seconds / max(1, result.steps)
-            per_step[name].append(got[name])
-        ratios.append(got["with"] / got["without"])
+    The step is workload.train's: synthetic batch, multi-task forward, two losses, backward, SGD. Each
+    step is timed on its own and blocks of steps alternate between plain and hooked, so the medians
+    over thousands of steps shrug off the preemptions of a shared machine.
+    """
+    from workload.train import MultiTaskNet, synthetic_batch
+
+    device = torch.device("cpu")
+    model = MultiTaskNet(16)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    mon = gpu_hook.start(job="hook-overhead-workload", url=url, interval=push_interval)
+    times: dict[str, list[float]] = {"without": [], "with": []}
+    block_ratios: list[float] = []
+    perf = time.perf_counter
+
+    def step(seed: int) -> torch.Tensor:
+        images, classes, attributes = synthetic_batch(seed, 8, 16, device)
+        logits, attr_logits = model(images)
+        loss = F.cross_entropy(logits, classes) + F.binary_cross_entropy_with_logits(attr_logits, attributes)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        return loss
+
+    def plain(n: int, seed: int) -> list[float]:
+        out = []
+        loss = None  # kept alive until the next step, as in the hooked loop (and in real loops)
+        for i in range(n):
+            t0 = perf()
+            loss = step(seed + i)
+            out.append(perf() - t0)
+        del loss
+        return out
+
+    def hooked(n: int, seed: int) -> list[float]:
+        out = []
+        for i in range(n):
+            t0 = perf()
+            with mon.step(samples=8):
+                loss = step(seed + i)
+            mon.observe_loss(loss)
+            out.append(perf() - t0)
+        return out
+
+    plain(50, 0)  # warm-up
+    for r in range(rounds):
+        order = [("without", plain), ("with", hooked)]
+        if r % 2:
+            order.reverse()
+        medians: dict[str, float] = {}
+        for name, body in order:
+            got = body(block_steps, r * block_steps)
+            times[name] += got
+            medians[name] = statistics.median(got)
+        block_ratios.append(medians["with"] / medians["without"])
+    gpu_hook.stop(flush=True)
     return {
-        "without_ms": statistics.median(per_step["without"]) * 1e3,
-        "with_ms": statistics.median(per_step["with"]) * 1e3,
-        "ratio": statistics.median(ratios),
-        "ratio_best": min(per_step["with"]) / min(per_step["without"]),  # least disturbed run each side
-        "ratio_min": min(ratios),
-        "ratio_max": max(ratios),
+        "without_ms": statistics.median(times["without"]) * 1e3,
+        "with_ms": statistics.median(times["with"]) * 1e3,
+        "ratio": statistics.median(times["with"]) / statistics.median(times["without"]),
+        "ratio_blocks": statistics.median(block_ratios),
+        "ratio_min": min(block_ratios),
+        "ratio_max": max(block_ratios),
+        "steps": float(len(times["with"])),
     }
 
 
@@ -177,8 +235,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     p.add_argument("--blocks", type=int, default=60, help="alternating micro blocks per side")
     p.add_argument("--block-steps", type=int, default=2000, help="tiny steps per micro block")
-    p.add_argument("--workload-rounds", type=int, default=20, help="alternating workload runs per side")
-    p.add_argument("--workload-steps", type=int, default=200, help="steps per workload run")
+    p.add_argument("--workload-rounds", type=int, default=20, help="alternating workload blocks per side")
+    p.add_argument("--workload-steps", type=int, default=150, help="workload steps per block")
     p.add_argument("--push-interval", type=float, default=1.0, help="hook push period (the default is 1 s)")
     p.add_argument("--cuda", action="store_true", help="also run the micro loop on CUDA and check for syncs")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: steadier figures)")
@@ -197,13 +255,18 @@ def main(argv: list[str] | None = None) -> int:
         f"overhead median {m['overhead_us']:.2f} µs/step (p90 of blocks {m['overhead_p90_us']:.2f}); "
         f"{int(m['steps_recorded'])} steps recorded, {int(m['pushes'])} pushes delivered"
     )
+    print(
+        f"per call (best of 5): `with mon.step()` {m['step_context_us']:.2f} µs, "
+        f"observe_loss(CPU tensor) {m['observe_loss_tensor_us']:.2f} µs, observe_loss(float) "
+        f"{m['observe_loss_float_us']:.2f} µs"
+    )
     w = workload(args.workload_rounds, args.workload_steps, url, args.push_interval)
     print(
-        f"workload (sample multi-task model, CPU, {args.workload_rounds} runs x {args.workload_steps} steps "
-        f"per side): without {w['without_ms']:.3f} ms/step, with hook {w['with_ms']:.3f} ms/step, "
-        f"ratio median {w['ratio']:.4f} (pairs {w['ratio_min']:.4f}..{w['ratio_max']:.4f}; "
-        f"best run / best run {w['ratio_best']:.4f}); "
-        f"micro overhead / step time = {m['overhead_us'] / (w['without_ms'] * 1e3) * 100:.4f} %"
+        f"workload step (sample multi-task model, CPU, {int(w['steps'])} steps per side in "
+        f"{args.workload_rounds} alternating blocks): without {w['without_ms']:.3f} ms/step, "
+        f"with hook {w['with_ms']:.3f} ms/step; step-time ratio {w['ratio']:.4f} "
+        f"(median of block ratios {w['ratio_blocks']:.4f}, blocks {w['ratio_min']:.4f}..{w['ratio_max']:.4f}); "
+        f"micro overhead / step time = {m['overhead_us'] / (w['without_ms'] * 1e3) * 100:.3f} %"
     )
     status = 0
     if args.cuda:
