@@ -130,9 +130,9 @@ def test_gpu_disappears_and_returns(fleet: tuple[ManagedProcess, str]) -> None:
 
     def seven() -> Samples | None:
         m = scrape(base)
-        return m if value(m, "gpu_count") == 7 else None
+        return m if value(m, "gpu_devices") == 7 else None
 
-    m = wait_until(seven, timeout=20, message="gpu_count 7")
+    m = wait_until(seven, timeout=20, message="gpu_devices 7")
     up = {lab["uuid"] for lab, v in m["gpu_up"] if v == 1}
     assert gone not in up and len(up) == 7
     assert value(m, "gpu_exporter_nvml_up") == 1
@@ -142,7 +142,7 @@ def test_gpu_disappears_and_returns(fleet: tuple[ManagedProcess, str]) -> None:
     def all_back() -> bool:
         m = scrape(base)
         up = {lab["uuid"] for lab, v in m["gpu_up"] if v == 1}
-        return value(m, "gpu_count") == 8 and up == set(uuid_of.values())
+        return value(m, "gpu_devices") == 8 and up == set(uuid_of.values())
 
     wait_until(all_back, timeout=20, message="all 8 GPUs back")
 

