@@ -64,7 +64,11 @@ def create_app(
 
     async def metrics(request: Request) -> Response:
         fmt = negotiate(request.headers.get("accept"))
-        return Response(exposition.render(fmt), media_type=CONTENT_TYPES[fmt])
+        if exposition.is_cached(fmt):  # the usual case: concatenate cached bytes on the event loop
+            body = exposition.render(fmt)
+        else:  # a real render (e.g. after training pushes) must not stall other requests
+            body = await run_in_threadpool(exposition.render, fmt)
+        return Response(body, media_type=CONTENT_TYPES[fmt])
 
     # First in the route table: matched before any other route is tried.
     app.router.routes.insert(0, Route("/metrics", metrics, methods=["GET"]))

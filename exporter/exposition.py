@@ -119,6 +119,17 @@ class Exposition:
                 if source.generation is not None:
                     self._part(source, fmt)
 
+    def is_cached(self, fmt: str = TEXT) -> bool:
+        """True when every cached source holds a rendering of its current generation in ``fmt``."""
+        for source in self.sources:
+            if source.generation is None:
+                continue
+            cached = source._cache.get(fmt)
+            key = source.generation()
+            if cached is None or not (cached[0] is key or cached[0] == key):
+                return False
+        return True
+
     def render(self, fmt: str = TEXT) -> bytes:
         if fmt not in self.formats_seen:
             self.formats_seen = self.formats_seen | {fmt}

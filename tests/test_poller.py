@@ -168,3 +168,55 @@ def test_negotiation() -> None:
     assert negotiate("text/plain") == TEXT
     assert negotiate(None) == TEXT
     assert negotiate("application/openmetrics-text;q=0,text/plain") == TEXT
+
+
+class GatedCollector:
+    """A collector whose render blocks until ``gate`` is set (a slow render of many training series)."""
+
+    def __init__(self) -> None:
+        self.gate = threading.Event()
+        self.rendering = threading.Event()
+
+    def collect(self) -> Iterator[Metric]:
+        self.rendering.set()
+        self.gate.wait(20)
+        g = GaugeMetricFamily("slow_render_value", "rendered after the gate opened")
+        g.add_metric([], 1.0)
+        yield g
+
+    def describe(self) -> list[Metric]:
+        return []
+
+
+def test_an_uncached_render_runs_off_the_event_loop() -> None:
+    """While /metrics renders a changed source, /healthz (same server, same event loop) still answers."""
+    import uvicorn
+    from support import free_port, http_get
+
+    from exporter.app import create_app
+
+    poller = Poller(StepReader(), 60.0)
+    slow = GatedCollector()
+    generation = [0]
+    app = create_app(poller, host="h", collectors=[Source("slow", slow, generation=lambda: generation[0])])
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None, lifespan="off"))
+    serving = threading.Thread(target=server.run, daemon=True)
+    serving.start()
+    base = f"http://127.0.0.1:{port}"
+    try:
+        wait_until(lambda: http_get(base + "/healthz", timeout=1)[0] == 200, timeout=20, message="server up")
+        generation[0] += 1  # the slow source's cache is now stale: the next scrape renders it
+        result: list[tuple[int, str]] = []
+        scrape = threading.Thread(target=lambda: result.append(http_get(base + "/metrics", timeout=30)[:2]))
+        scrape.start()
+        assert slow.rendering.wait(20), "the scrape never started rendering"
+        assert http_get(base + "/healthz", timeout=5)[0] == 200
+        assert scrape.is_alive() and not result, "the render finished early: nothing was proven"
+        slow.gate.set()
+        scrape.join(20)
+        assert result and result[0][0] == 200 and "slow_render_value 1.0" in result[0][1]
+    finally:
+        slow.gate.set()
+        server.should_exit = True
+        serving.join(10)
