@@ -98,7 +98,10 @@ class DashboardStack:
         self._inject_gpu_faults()
 
     def _start_workload(self) -> None:
-        """Two ranks (torchrun-style env, gloo on CPU); rank 1 is a slow straggler; OOM, NaN, auth faults."""
+        """Two ranks (torchrun-style env, gloo on CPU); rank 1 is a slow straggler; OOM, NaN, auth faults.
+
+        The OOM and NaN faults come late (>= 5 s in): Prometheus must have scraped their counters at 0
+        first, or ``increase()`` has only one sample and the OOM annotation/stat stay empty."""
         port = free_port()
         for rank in (0, 1):
             env = {
@@ -110,7 +113,7 @@ class DashboardStack:
                 sys.executable, str(REPO_ROOT / "tests" / "fake_allocator_train.py"),
                 "--steps", "0", "--duration", "600", "--device", "cpu", "--job", JOB,
                 "--push-interval", "0.5", "--step-delay", str(self.steps_delay), "--log-every", "0",
-                "--fault", "oom@15", "--fault", "nan@20:2", "--fault", "auth@8", "--fault", "slow-rank@1:2",
+                "--fault", "oom@100", "--fault", "nan@110:2", "--fault", "auth@8", "--fault", "slow-rank@1:2",
             ]
             self.procs.append(ManagedProcess(f"train-rank{rank}", argv, self.log_dir, env=env))
 
