@@ -18,12 +18,13 @@ if [ "${#missing[@]}" -gt 0 ]; then
   echo "setup: installing Debian packages: ${missing[*]}"
   $SUDO apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  # The packages start services on install where an init system exists; the tests start their own
+  # instances on loopback ports, so stop the packaged ones just started (ports and CPU). Only here:
+  # on a later run this must not kill a Prometheus that a test or the demo is running.
+  for svc in prometheus prometheus-alertmanager prometheus-node-exporter; do
+    $SUDO pkill -x "$svc" >/dev/null 2>&1 || true
+  done
 fi
-# The Debian packages start services on install where an init system exists; the tests start their
-# own instances on loopback ports, so stop any packaged ones to keep ports and CPU free.
-for svc in prometheus prometheus-alertmanager prometheus-node-exporter; do
-  $SUDO pkill -x "$svc" >/dev/null 2>&1 || true
-done
 
 # The Docker engine: the container-attribution tests and the compose demo need a running dockerd.
 # Not fatal here: without it the docker tests fail with the reason, and everything else still runs.
