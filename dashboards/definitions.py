@@ -41,6 +41,15 @@ TEMP_THRESHOLDS = thresholds((80, "orange"), (90, "red"))
 ERROR_THRESHOLDS = thresholds((1, "red"))
 
 
+def _new_or_increase(metric: str, sel: str) -> str:
+    """Events per interval of a counter whose series is born with its first event (one per XID code,
+    per auth status code). ``increase()`` alone never counts that first event (it needs a sample
+    before it), so a series that did not exist one interval ago contributes its whole value.
+    """
+    m = f"{metric}{{{sel}}}"
+    return f"(({m} unless {m} offset $__rate_interval) or increase({m}[$__rate_interval]))"
+
+
 def _idle_allocated(sel: str) -> str:
     """GPUs with process memory but (almost) no SM activity: paid for, doing nothing."""
     return (
@@ -91,7 +100,7 @@ def fleet() -> Json:
             description="How many GPUs have each clock-event (throttle) reason active; idle is left out."),
         row("Errors"),
         timeseries("XID errors", [
-            target(f"sum by (host, gpu, xid) (increase(gpu_xid_errors_total{{{s}}}[$__rate_interval]))",
+            target(f"sum by (host, gpu, xid) {_new_or_increase('gpu_xid_errors_total', s)}",
                    "{{host}} gpu {{gpu}} xid {{xid}}"),
         ], unit="none", minimum=0, thr=ERROR_THRESHOLDS, links=[SERIES_GPU_LINK], w=8),
         timeseries("ECC errors", [
@@ -188,7 +197,7 @@ def gpu_detail() -> Json:
                    "{{error_type}} ({{counter}})"),
         ], unit="none", minimum=0, thr=ERROR_THRESHOLDS, w=8),
         timeseries("XID errors", [
-            target(f"sum by (xid) (increase(gpu_xid_errors_total{{{s}}}[$__rate_interval]))", "xid {{xid}}"),
+            target(f"sum by (xid) {_new_or_increase('gpu_xid_errors_total', s)}", "xid {{xid}}"),
         ], unit="none", minimum=0, thr=ERROR_THRESHOLDS, w=8),
         timeseries("Remapped rows", [
             target(f"gpu_remapped_rows{{{s}}}", "{{kind}}"),
@@ -256,8 +265,8 @@ def training_job() -> Json:
             description="Cache flush and retry: the allocator is close to running out."),
         row("Authentication"),
         timeseries("Auth failures", [
-            target(f"sum by (service, status_code) (increase(training_auth_failures_total{{{s}}}"
-                   "[$__rate_interval]))", "{{service}} {{status_code}}"),
+            target(f"sum by (service, status_code) {_new_or_increase('training_auth_failures_total', s)}",
+                   "{{service}} {{status_code}}"),
         ], unit="none", minimum=0, thr=ERROR_THRESHOLDS),
         timeseries("Token time to expiry", [
             target(f"min by (service) (training_token_expiry_timestamp_seconds{{{s}}}) - time()", "{{service}}"),

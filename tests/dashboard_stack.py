@@ -28,7 +28,7 @@ from support import (
 
 sys.path.insert(0, str(REPO_ROOT))
 
-from dashboards.live import Window, empty_queries
+from dashboards.live import Window, empty_queries, prom_api
 from dashboards.queries import load_dashboards
 
 log = logging.getLogger(__name__)
@@ -135,6 +135,9 @@ class DashboardStack:
     def _inject_gpu_faults(self) -> None:
         """Place the ranks on simulated GPUs (by PID, so the hook's job joins them) and break GPU 1."""
         pids = wait_until(self._pids, timeout=60, interval=0.5, message="both workload ranks reporting")
+        # Faults only once Prometheus holds the healthy values: an increase() needs the "before" sample.
+        wait_until(lambda: prom_api(self.prometheus, "query", {"query": "count_over_time(gpu_up[1m]) >= 2"})["result"],
+                   timeout=30, interval=0.5, message="Prometheus scraped the healthy fleet twice")
         for rank, gpu in zip(("0", "1"), JOB_GPUS, strict=True):
             self._event({"gpu": int(gpu), "add_process": {"pid": pids[rank], "type": "compute",
                                                           "used_memory_bytes": "9GiB", "name": "python"}})

@@ -19,8 +19,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from dashboard_stack import HOST, JOB, DashboardStack
 
-from dashboards.live import PrometheusError, label_values, prom_api, run
-from dashboards.queries import Query
+from dashboards.live import PrometheusError, label_values, prom_api, resolve_variables, run
+from dashboards.queries import Query, iter_queries, load_dashboards
 
 
 @pytest.mark.slow
@@ -37,6 +37,15 @@ def test_every_panel_query_returns_data(log_dir: Path) -> None:
         rules = [r for g in prom_api(stack.prometheus, "rules", {})["groups"] for r in g["rules"]]
         assert len(rules) > 10, rules
         assert [r["name"] for r in rules if r.get("health") != "ok"] == []
+        # The first XID of its kind on a GPU shows (a series born with its first event: increase()
+        # alone would draw 0 for it), and so do the ECC errors injected once the fleet was scraped.
+        detail = load_dashboards()["gpu-detail.json"]
+        variables = resolve_variables(stack.prometheus, detail, window, stack.prefer)
+        for panel in ("XID errors", "ECC errors"):
+            q = next(q for q in iter_queries(detail) if q.panel == panel)
+            expr, series = run(stack.prometheus, q, variables, window)
+            peak = max((float(v) for s in series for _, v in s["values"]), default=0.0)
+            assert peak > 0, f"GPU detail / {panel}: {expr} never above 0 after the injected fault"
         # The check can fail: a misspelled metric returns no data and a bad query is refused.
         q = Query("test", "typo", "A", 'gpu_utilisation_ratio{host=~"$host"}', False)
         assert run(stack.prometheus, q, {"host": HOST}, window)[1] == []

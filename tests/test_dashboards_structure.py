@@ -45,6 +45,12 @@ REQUIRED_VARS = {
 # Labels that identify one machine, GPU, process or job: never a literal value in a dashboard query.
 IDENTITY_LABELS = {"host", "gpu", "uuid", "pci_bus_id", "serial", "pid", "training_job", "rank"}
 RANGE_FUNCS = {"rate", "irate", "increase"}
+# The one raw-counter form allowed: a series born within the interval counts with its whole value,
+# next to increase() of the same selector (dashboards.definitions._new_or_increase). Normalised to the
+# increase() it stands beside before the counter rules run, so nothing else slips through.
+NEW_OR_INCREASE = re.compile(
+    r"\(\((\w+\{[^{}]*\}) unless \1 offset \$__rate_interval\) or (increase\(\1\[\$__rate_interval\]\))\)"
+)
 KEYWORDS = {"by", "without", "on", "ignoring", "group_left", "group_right", "and", "or", "unless", "bool",
             "offset", "inf", "nan"}
 PROM_BUILTIN_SERIES = {"ALERTS", "ALERTS_FOR_STATE", "up"}
@@ -269,6 +275,7 @@ def test_query_rules(fname: str, query: Query) -> None:
             assert rng in {"$__rate_interval", "$__range"}, f"{where}: increase() over [{rng}]"
     for rng in re.findall(r"\[([^\]]*)\]", expr):
         assert rng.startswith("$__"), f"{where}: hard-coded range [{rng}]"
+    expr = NEW_OR_INCREASE.sub(r"\2", expr)
     for name, start, end in metric_occurrences(expr):
         assert name in METRICS or name in PROM_BUILTIN_SERIES, f"{where}: {name} is not in docs/metrics.md"
         if name in COUNTERS:
@@ -356,3 +363,16 @@ def test_grafana_provisioning_points_at_the_dashboards() -> None:
     assert path.startswith("/"), "a path inside the Grafana container"
     compose_hint = (REPO_ROOT / "deploy" / "grafana" / "README.md").read_text()
     assert path in compose_hint, "deploy/grafana/README.md says where to mount dashboards/"
+
+
+def test_new_series_idiom_is_strict() -> None:
+    """Only the exact form passes as an increase(): a different selector or range is still a raw counter."""
+    sel = 'gpu_xid_errors_total{gpu=~"$gpu"}'
+    ok = f"(({sel} unless {sel} offset $__rate_interval) or increase({sel}[$__rate_interval]))"
+    assert NEW_OR_INCREASE.sub(r"\2", ok) == f"increase({sel}[$__rate_interval])"
+    other = 'gpu_xid_errors_total{gpu=~".*"}'
+    for bad in (
+        f"(({sel} unless {other} offset $__rate_interval) or increase({sel}[$__rate_interval]))",
+        f"(({sel} unless {sel} offset 1h) or increase({sel}[$__rate_interval]))",
+    ):
+        assert NEW_OR_INCREASE.sub(r"\2", bad) == bad
