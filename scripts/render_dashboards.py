@@ -142,7 +142,8 @@ def render_dashboard(base: str, dash: Json, window: Window, out_dir: Path, prefe
     panels = dash["panels"]
     rows = max(p["gridPos"]["y"] + p["gridPos"]["h"] for p in panels)
     fig = plt.figure(figsize=(22, rows * 0.42 + 1))
-    grid = fig.add_gridspec(rows, 24, hspace=1.6, wspace=1.2)
+    grid = fig.add_gridspec(rows, 24, hspace=1.6, wspace=1.2, left=0.03, right=0.99, top=1 - 0.6 / (rows * 0.42 + 1),
+                            bottom=0.01)
     chosen = ", ".join(f"{k}={v}" for k, v in variables.items() if k != "datasource")
     fig.suptitle(f"{dash['title']}   ({chosen}; {datetime.fromtimestamp(window.start):%H:%M:%S}"
                  f" to {datetime.fromtimestamp(window.end):%H:%M:%S})", fontsize=12, x=0.01, ha="left")
@@ -186,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prometheus", help="Prometheus base URL; without it, start a local demo stack")
     parser.add_argument("--out", type=Path, default=REPO_ROOT / "previews", help="folder for the PNGs")
     parser.add_argument("--range", type=parse_duration, default=None,
-                        help="time range to show, e.g. 15m (default: 15m, or the demo stack's lifetime)")
+                        help="time range to show, e.g. 15m (default: 15m; with the demo stack: how long it runs, 45s)")
     parser.add_argument("--rate-interval", default=None, help="$__rate_interval (default: 4 x scrape interval)")
     parser.add_argument("--var", action="append", default=[], metavar="NAME=VALUE",
                         help="pick a template variable value, e.g. --var gpu=3 (default: All / first value)")
@@ -202,8 +203,12 @@ def main(argv: list[str] | None = None) -> int:
         from dashboard_stack import DashboardStack
 
         with tempfile.TemporaryDirectory(prefix="render-dashboards-") as tmp, DashboardStack(Path(tmp)) as stack:
-            window = stack.wait_for_data()
-            log.info("stack ready at %s", stack.prometheus)
+            stack.wait_for_data()
+            # Let the lines grow: the demo shows --range of history (default 45 s), not just its first seconds.
+            hold = stack.started + (args.range or 45) - time.time()
+            log.info("stack ready at %s; collecting %.0f s more", stack.prometheus, max(hold, 0))
+            time.sleep(max(min(hold, 3600), 0))
+            window = stack.window()
             paths = render_all(stack.prometheus, window, args.out, {**stack.prefer, **prefer})
     for p in paths:
         print(p)

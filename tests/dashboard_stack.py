@@ -142,6 +142,9 @@ class DashboardStack:
             self._event({"gpu": int(gpu), "add_process": {"pid": pids[rank], "type": "compute",
                                                           "used_memory_bytes": "9GiB", "name": "python"}})
         self._event({"gpu": int(IDLE_GPU), "set": {"utilization_gpu_ratio": 0.0}})
+        # Something moving for the previews: GPU 3 heats up towards its slowdown threshold.
+        self._event({"gpu": 3, "ramp": {"temperature_gpu_celsius": 86, "power_usage_watts": 690},
+                     "duration_seconds": 60})
         # Not 79 on FAULT_GPU: that XID also loses the GPU, and a lost GPU has no series to look at.
         self._event({"gpu": int(FAULT_GPU), "xid": 48})
         self._event({"gpu": int(LOST_GPU), "xid": 79})
