@@ -295,7 +295,8 @@ def training_job() -> Json:
         "enable": True,
         "hide": False,
         "iconColor": "red",
-        "expr": f"increase(training_cuda_oom_total{{{s}}}[$__rate_interval]) > 0",
+        # A process whose first push already carries its OOM is a new series: count it too.
+        "expr": f"{_new_or_increase('training_cuda_oom_total', s)} > 0",
         "step": "$__rate_interval",
         "titleFormat": "CUDA out of memory",
         "tagKeys": "host,rank",
