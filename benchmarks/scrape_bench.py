@@ -3,10 +3,13 @@
 For 1, 8 and 64 simulated GPUs with 32 processes each (scenarios generated in a temp dir), both
 exporters poll at 1 s and are measured the same way, one after the other:
 
-- idle: RSS and CPU share of one core over ``--idle`` seconds with no scrapes (polling only);
+- idle: RSS and CPU share of one core over ``--idle`` seconds before any scrape (polling only);
 - latency: sequential GET /metrics on one keep-alive connection for ``--latency`` seconds, p50 / p99;
 - sustained: scrapes/s of that sequential client over ``--sustained`` seconds, and the exporter's CPU
-  time per scrape from /proc/PID/stat (utime+stime), net of the idle (polling) CPU rate.
+  time per scrape from /proc/PID/stat (utime+stime), net of the background rate below;
+- after scrapes: the CPU share over another ``--idle`` seconds with no scrapes, once it has been
+  scraped (ours pre-renders after every poll while it is being scraped, so this is its cost of polling
+  at 1 s under a Prometheus that scrapes it).
 
 Ours is ``python -m exporter --simulate FILE --interval 1 --docker off``; nvitop-exporter runs unchanged
 under ``python -m exporter.simulate.run FILE -- nvitop-exporter --interval 1``. No Accept-Encoding (no
@@ -74,6 +77,7 @@ def cpu_seconds(pid: int) -> float:
 class Figures:
     rss_mb: float
     idle_cpu_share: float
+    scraped_idle_cpu_share: float
     p50_ms: float
     p99_ms: float
     scrapes_per_s: float
@@ -136,13 +140,18 @@ def measure(child: Child, port: int, gpu_metric: str, idle_s: float, latency_s: 
     elapsed = time.monotonic() - t0
     cpu = cpu_seconds(child.pid) - c0
     conn.close()
+    # Background CPU between scrapes once it is being scraped (ours then pre-renders after every poll).
+    c1, t1 = cpu_seconds(child.pid), time.monotonic()
+    time.sleep(idle_s)
+    scraped_idle_rate = (cpu_seconds(child.pid) - c1) / (time.monotonic() - t1)
     return Figures(
         rss_mb=rss / 2**20,
         idle_cpu_share=idle_rate,
+        scraped_idle_cpu_share=scraped_idle_rate,
         p50_ms=percentile(latencies, 50) * 1e3,
         p99_ms=percentile(latencies, 99) * 1e3,
         scrapes_per_s=n / elapsed,
-        cpu_ms_per_scrape=max(0.0, cpu - idle_rate * elapsed) / n * 1e3,
+        cpu_ms_per_scrape=max(0.0, cpu - scraped_idle_rate * elapsed) / n * 1e3,
         body_kb=len(body) / 1024,
         gpus_seen=gpus_seen,
         latency_samples=len(latencies),
@@ -178,6 +187,7 @@ ROWS = [
     ("CPU per scrape", "cpu_ms_per_scrape", "ms", "{:.2f}"),
     ("RSS", "rss_mb", "MB", "{:.1f}"),
     ("idle CPU (1 s poll)", "idle_cpu_share", "core", "{:.2%}"),
+    ("... after scrapes", "scraped_idle_cpu_share", "core", "{:.2%}"),
     ("/metrics body", "body_kb", "KiB", "{:.0f}"),
     ("latency samples", "latency_samples", "n", "{}"),
 ]

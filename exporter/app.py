@@ -52,8 +52,11 @@ def create_app(
     exposition = Exposition(collectors)
     health = ExporterHealthCollector(poller, host, nvml_library, sources=lambda: exposition.sources)
     exposition.add(Source("exporter", health))
-    # Pre-render new data on the poller thread so the first scrape after a poll pays nothing.
-    poller.add_listener(lambda _snapshot: exposition.warm())
+    # Pre-render new data on the poller thread (while someone scrapes) so a scrape after a poll pays nothing.
+    def prerender(_snapshot: Any) -> None:
+        exposition.warm()
+
+    poller.add_listener(prerender)
 
     app = FastAPI(
         title="gpu-exporter", version=__version__, docs_url=None, redoc_url=None, openapi_url=None

@@ -156,8 +156,13 @@ def render_text(families: Iterable[Any]) -> bytes:
 class Exposition:
     """Renders the sources in order; the uncached ones last, so they can report on this very render."""
 
+    # Pre-render after a poll only while someone scrapes: an exporter nobody scrapes costs its polls and
+    # nothing more, and any sane scrape interval (<= this window) keeps every scrape on cached bytes.
+    WARM_WHILE_SCRAPED_SECONDS = 300.0
+
     def __init__(self, sources: Sequence[Source] = ()) -> None:
         self.sources: list[Source] = []
+        self.last_scrape_monotonic: float | None = None
         # Formats scrapers asked for; warm() pre-renders those (Prometheus negotiates OpenMetrics).
         self.formats_seen: set[str] = {TEXT}
         for source in sources:
@@ -170,12 +175,17 @@ class Exposition:
         # Cached sources first, per-scrape ones (self-metrics) after them.
         self.sources.sort(key=lambda s: s.generation is None)
 
-    def warm(self) -> None:
-        """Render the cached sources now (called on the poller thread after a new snapshot)."""
+    def warm(self) -> bool:
+        """Render the cached sources now (called on the poller thread after a new snapshot), if /metrics
+        was scraped within ``WARM_WHILE_SCRAPED_SECONDS``; return whether it rendered."""
+        last = self.last_scrape_monotonic
+        if last is None or time.monotonic() - last > self.WARM_WHILE_SCRAPED_SECONDS:
+            return False
         for fmt in tuple(self.formats_seen):
             for source in self.sources:
                 if source.generation is not None:
                     self._part(source, fmt)
+        return True
 
     def is_cached(self, fmt: str = TEXT) -> bool:
         """True when every cached source holds a rendering of its current generation in ``fmt``."""
@@ -189,6 +199,7 @@ class Exposition:
         return True
 
     def render(self, fmt: str = TEXT) -> bytes:
+        self.last_scrape_monotonic = time.monotonic()
         if fmt not in self.formats_seen:
             self.formats_seen = self.formats_seen | {fmt}
         parts = [self._part(source, fmt) for source in self.sources]

@@ -7,6 +7,7 @@ import threading
 import time
 from collections.abc import Iterator
 
+import pytest
 from prometheus_client.core import GaugeMetricFamily, Metric
 from support import parse_metrics, wait_until
 
@@ -123,6 +124,28 @@ def test_render_is_cached_per_generation_and_format() -> None:
     poller.poll_once()
     assert exposition.render(TEXT) != a
     assert collector.renders == 3
+
+
+def test_prerender_only_while_scraped(monkeypatch: pytest.MonkeyPatch) -> None:
+    """After a poll the exposition pre-renders only if /metrics was scraped recently: an exporter
+    nobody scrapes pays for its polls, not for renders."""
+    poller = Poller(StepReader(), 60)
+    collector = CountingCollector(poller)
+    exposition = Exposition([Source("test", collector, generation=lambda: poller.generation)])
+    poller.add_listener(lambda _snapshot: exposition.warm())
+    poller.poll_once()
+    poller.poll_once()
+    assert collector.renders == 0  # never scraped: nothing rendered
+    exposition.render(TEXT)
+    assert collector.renders == 1
+    poller.poll_once()  # scraped just now: the new snapshot is rendered on the poller thread
+    assert collector.renders == 2 and exposition.is_cached(TEXT)
+    exposition.render(TEXT)
+    assert collector.renders == 2  # the scrape found it cached
+    now = time.monotonic()
+    monkeypatch.setattr(time, "monotonic", lambda: now + Exposition.WARM_WHILE_SCRAPED_SECONDS + 1)
+    poller.poll_once()  # nobody scraped for longer than the window: no pre-render
+    assert collector.renders == 2 and not exposition.is_cached(TEXT)
 
 
 def test_failing_collector_reports_success_zero_and_others_render() -> None:
