@@ -64,7 +64,11 @@ def memory_stats(device: int | None) -> dict[str, float] | None:
     torch = torch_module()
     assert torch is not None
     try:
-        stats = torch.cuda.memory_stats(device if device is not None else 0)
+        index = device if device is not None else 0
+        if index >= torch.cuda.device_count():
+            # LOCAL_RANK 3 with CUDA_VISIBLE_DEVICES narrowed to one GPU per rank: that GPU is cuda:0.
+            index = torch.cuda.current_device()
+        stats = torch.cuda.memory_stats(index)
     except Exception as exc:
         log.debug("torch.cuda.memory_stats failed: %s", exc)
         return None
