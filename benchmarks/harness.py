@@ -79,10 +79,16 @@ class Child:
         return int(self.proc.returncode)
 
 
-def start_exporter(log_dir: Path, *args: str, port: int | None = None, name: str = "exporter") -> tuple[Child, str]:
-    """``python -m exporter --listen 127.0.0.1:PORT ARGS...``, returned once /healthz answers."""
+def start_exporter(
+    log_dir: Path, *args: str, port: int | None = None, env: dict[str, str] | None = None, name: str = "exporter"
+) -> tuple[Child, str]:
+    """``python -m exporter --listen 127.0.0.1:PORT ARGS...``, returned once /healthz answers.
+
+    E.g. ``start_exporter(d, "--simulate", "healthy-8gpu", "--interval", "0.2")``; (process, base URL).
+    """
     port = port or free_port()
-    child = Child(name, [sys.executable, "-m", "exporter", "--listen", f"127.0.0.1:{port}", *args], log_dir)
+    argv = [sys.executable, "-m", "exporter", "--listen", f"127.0.0.1:{port}", *args]
+    child = Child(name, argv, log_dir, env=env)
     base = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 30
     while True:

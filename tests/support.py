@@ -3,13 +3,8 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
 import shutil
-import signal
-import socket
-import subprocess
 import sys
 import time
 import urllib.error
@@ -20,14 +15,16 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+if str(REPO_ROOT) not in sys.path:  # benchmarks/ (process helpers shared with the benchmark scripts)
+    sys.path.insert(0, str(REPO_ROOT))
+
+# One implementation of these for tests and benchmarks alike; the tests import them from here.
+from benchmarks.harness import Child as ManagedProcess  # noqa: E402
+from benchmarks.harness import free_port as free_port  # noqa: E402
+from benchmarks.harness import parse_metrics as parse_metrics  # noqa: E402
+from benchmarks.harness import start_exporter as start_exporter  # noqa: E402
+
 T = TypeVar("T")
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def wait_until(
@@ -81,86 +78,11 @@ def http_post_json(
         return err.code, err.read().decode()
 
 
-class ManagedProcess:
-    """A child process with its output in a log file, stopped (and reaped) by ``stop()``."""
-
-    def __init__(
-        self,
-        name: str,
-        argv: Sequence[str],
-        log_dir: Path,
-        env: dict[str, str] | None = None,
-        cwd: Path | None = None,
-    ) -> None:
-        self.name = name
-        self.argv = list(argv)
-        self.log_path = log_dir / f"{name}.log"
-        self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
-        self.proc = subprocess.Popen(
-            self.argv,
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-            env={**os.environ, **(env or {})},
-            cwd=str(cwd or REPO_ROOT),
-            start_new_session=True,
-        )
-
-    def alive(self) -> bool:
-        return self.proc.poll() is None
-
-    def log(self) -> str:
-        if not self._log.closed:  # also readable after stop()
-            self._log.flush()
-        return self.log_path.read_text(errors="replace")
-
-    def stop(self, sig: int = signal.SIGTERM, timeout: float = 10.0) -> int:
-        if self.proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.proc.pid, sig)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(timeout)
-        self._log.close()
-        return int(self.proc.returncode)
-
-
 def require_binary(name: str) -> str:
     path = shutil.which(name)
     if path is None:
         raise AssertionError(f"{name} is not installed; .ci/run installs it (apt-get install ...)")
     return path
-
-
-def start_exporter(
-    log_dir: Path,
-    *args: str,
-    port: int | None = None,
-    env: dict[str, str] | None = None,
-    name: str = "exporter",
-) -> tuple[ManagedProcess, str]:
-    """Start ``python -m exporter`` on a loopback port and wait until /healthz answers.
-
-    Returns the process and its base URL. Pass e.g. ``"--simulate", "healthy-8gpu", "--interval", "0.2"``.
-    """
-    port = port or free_port()
-    proc = ManagedProcess(
-        name, [sys.executable, "-m", "exporter", "--listen", f"127.0.0.1:{port}", *args], log_dir, env=env
-    )
-    base = f"http://127.0.0.1:{port}"
-
-    def up() -> bool:
-        if not proc.alive():
-            raise AssertionError(f"exporter exited early:\n{proc.log()}")
-        return http_get(base + "/healthz", timeout=1)[0] == 200
-
-    try:
-        wait_until(up, timeout=30, message=f"exporter on {base}")
-    except BaseException:
-        proc.stop()
-        raise
-    return proc, base
 
 
 def start_prometheus(
@@ -243,12 +165,3 @@ def prom_query(base: str, promql: str) -> list[dict[str, Any]]:
     return list(json.loads(body)["data"]["result"])
 
 
-def parse_metrics(text: str) -> dict[str, list[tuple[dict[str, str], float]]]:
-    """Parse Prometheus text exposition into {sample_name: [(labels, value), ...]}."""
-    from prometheus_client.parser import text_string_to_metric_families
-
-    out: dict[str, list[tuple[dict[str, str], float]]] = {}
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            out.setdefault(sample.name, []).append((dict(sample.labels), float(sample.value)))
-    return out
