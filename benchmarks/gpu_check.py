@@ -23,7 +23,6 @@ import argparse
 import json
 import logging
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -33,8 +32,13 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-log = logging.getLogger("gpu_check")
 REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:  # run as a script: make benchmarks/, exporter/ and workload/ importable
+    sys.path.insert(0, str(REPO))
+
+from benchmarks.harness import Child, free_port, parse_metrics, start_exporter  # noqa: E402
+
+log = logging.getLogger("gpu_check")
 
 # nvidia-smi field → (exporter metric, extra label filter, scale from nvidia-smi units to base units,
 # absolute tolerance in base units, relative tolerance). Utilization, power and clocks move between
@@ -53,10 +57,7 @@ SMI_FIELDS: dict[str, tuple[str, dict[str, str], float, float, float]] = {
 }
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+Series = dict[str, list[tuple[dict[str, str], float]]]
 
 
 def http_get(url: str, timeout: float = 5.0) -> tuple[int, bytes]:
@@ -69,57 +70,37 @@ def http_get(url: str, timeout: float = 5.0) -> tuple[int, bytes]:
         return 0, b""
 
 
-def wait_for(url: str, timeout: float = 60.0, proc: subprocess.Popen[bytes] | None = None) -> None:
+def wait_for(url: str, child: Child, timeout: float = 60.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if proc is not None and proc.poll() is not None:
-            raise RuntimeError(f"process exited ({proc.returncode}) before {url} answered")
+        if not child.alive():
+            raise RuntimeError(f"{child.name} exited before {url} answered:\n{child.log()[-2000:]}")
         if http_get(url, timeout=1)[0] == 200:
             return
         time.sleep(0.2)
     raise RuntimeError(f"{url} did not answer within {timeout:.0f}s")
 
 
-def samples(text: str) -> list[tuple[str, dict[str, str], float]]:
-    from prometheus_client.parser import text_string_to_metric_families
-
-    out = []
-    for fam in text_string_to_metric_families(text):
-        for s in fam.samples:
-            out.append((s.name, dict(s.labels), float(s.value)))
-    return out
+def find(series: Series, name: str, **labels: str) -> list[float]:
+    return [v for lab, v in series.get(name, []) if all(lab.get(k) == w for k, w in labels.items())]
 
 
-def find(series: list[tuple[str, dict[str, str], float]], name: str, **labels: str) -> list[float]:
-    return [v for n, lab, v in series if n == name and all(lab.get(k) == w for k, w in labels.items())]
-
-
-def scrape(base: str) -> list[tuple[str, dict[str, str], float]]:
+def scrape(base: str) -> Series:
     status, body = http_get(base + "/metrics")
     if status != 200:
         raise RuntimeError(f"{base}/metrics answered {status}")
-    return samples(body.decode())
+    return parse_metrics(body.decode())
 
 
 class Exporter:
-    """``python -m exporter`` on real NVML on a loopback port."""
+    """``python -m exporter`` on real NVML on a loopback port, once ready (first poll done)."""
 
-    def __init__(self, log_path: Path, *args: str) -> None:
-        self.port = free_port()
-        self.base = f"http://127.0.0.1:{self.port}"
-        self.log_path = log_path
-        self._log = log_path.open("wb")
-        cmd = [sys.executable, "-m", "exporter", "--listen", f"127.0.0.1:{self.port}", "--docker", "off", *args]
-        self.proc = subprocess.Popen(cmd, cwd=REPO, stdout=self._log, stderr=subprocess.STDOUT)
-        wait_for(self.base + "/readyz", proc=self.proc)
+    def __init__(self, log_dir: Path, *args: str) -> None:
+        self.child, self.base = start_exporter(log_dir, "--docker", "off", *args)
+        wait_for(self.base + "/readyz", self.child)
 
     def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-        self._log.close()
+        self.child.stop()
 
 
 # ---------------------------------------------------------------------------------------- checks
@@ -131,7 +112,7 @@ def check_nvml_vs_smi(exp: Exporter) -> dict[str, Any]:
         capture_output=True, text=True, check=True, timeout=30,
     ).stdout
     series = scrape(exp.base)
-    index_by_uuid = {lab["uuid"]: lab["gpu"] for n, lab, _ in series if n == "gpu_info"}
+    index_by_uuid = {lab["uuid"]: lab["gpu"] for lab, _ in series.get("gpu_info", [])}
     rows, failures = [], []
     for line in out.strip().splitlines():
         values = [v.strip() for v in line.split(",")]
@@ -155,7 +136,7 @@ def check_nvml_vs_smi(exp: Exporter) -> dict[str, Any]:
                 failures.append(f"gpu {gpu} {field}: nvidia-smi {smi:g}, exporter {ours}")
     status = json.loads(http_get(exp.base + "/status")[1])
     unsupported = {str(g["index"]): g["unsupported"] for g in status.get("gpus", [])}
-    names = sorted({n for n, _, _ in series if n.startswith("gpu_") and not n.startswith("gpu_exporter_")})
+    names = sorted(n for n in series if n.startswith("gpu_") and not n.startswith("gpu_exporter_"))
     return {"rows": rows, "failures": failures, "unsupported_fields": unsupported, "gpu_metric_names": names,
             "driver_version": status.get("driver_version"), "cuda_driver_version": status.get("cuda_driver_version")}
 
@@ -279,19 +260,18 @@ def check_side_by_side(exp: Exporter, log_dir: Path, n: int) -> dict[str, Any]:
     if binary is None:
         return {"skipped": "nvitop-exporter is not installed", "failures": []}
     port = free_port()
-    with (log_dir / "nvitop-exporter.log").open("wb") as logf:
-        proc = subprocess.Popen([binary, "--bind-address", "127.0.0.1", "--port", str(port), "--interval", "1"],
-                                stdout=logf, stderr=subprocess.STDOUT)
-        try:
-            wait_for(f"http://127.0.0.1:{port}/metrics", proc=proc)
-            theirs = _latencies(f"http://127.0.0.1:{port}/metrics", n)
-            ours = _latencies(exp.base + "/metrics", n)
-            _, body = http_get(f"http://127.0.0.1:{port}/metrics")
-            their_mem = [(lab, v) for name, lab, v in samples(body.decode()) if "memory_used" in name][:8]
-        finally:
-            proc.terminate()
-            proc.wait(10)
-    our_mem = [(lab.get("gpu"), v) for name, lab, v in scrape(exp.base) if name == "gpu_memory_used_bytes"]
+    child = Child("nvitop-exporter", [binary, "--bind-address", "127.0.0.1", "--port", str(port), "--interval", "1"],
+                  log_dir)
+    try:
+        wait_for(f"http://127.0.0.1:{port}/metrics", child)
+        theirs = _latencies(f"http://127.0.0.1:{port}/metrics", n)
+        ours = _latencies(exp.base + "/metrics", n)
+        _, body = http_get(f"http://127.0.0.1:{port}/metrics")
+        their_mem = [(lab, v) for name, rows in parse_metrics(body.decode()).items() if "memory_used" in name
+                     for lab, v in rows][:8]
+    finally:
+        child.stop()
+    our_mem = [(lab.get("gpu"), v) for lab, v in scrape(exp.base).get("gpu_memory_used_bytes", [])]
     return {"ours": ours, "nvitop_exporter": theirs,
             "p99_ratio_nvitop_over_ours": theirs["p99_ms"] / ours["p99_ms"] if ours["p99_ms"] else None,
             "memory_used_ours": our_mem, "memory_used_nvitop_sample": [(str(lab), v) for lab, v in their_mem],
@@ -319,7 +299,7 @@ def main() -> int:
     log_dir.mkdir(parents=True, exist_ok=True)
 
     report: dict[str, Any] = {}
-    exp = Exporter(log_dir / "exporter.log", "--interval", "1")
+    exp = Exporter(log_dir, "--interval", "1")
     try:
         for name, fn in (
             ("nvml_vs_nvidia_smi", lambda: check_nvml_vs_smi(exp)),
