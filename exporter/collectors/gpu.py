@@ -111,27 +111,16 @@ def _render(snapshot: NodeSnapshot) -> Iterator[Metric]:
             })
     yield from _nonempty(info)
 
-    for field, name, doc in _GAUGES:
-        gauge = GaugeMetricFamily(name, doc, labels=GPU_LABELS)
-        for g in gpus:
-            value = getattr(g, field)
-            if value is not None:
-                gauge.add_metric(ids[g.index], float(value))
-        yield from _nonempty(gauge)
-    for field, name, doc in _COUNTERS:
-        counter = CounterMetricFamily(name, doc, labels=GPU_LABELS)
-        for g in gpus:
-            value = getattr(g, field)
-            if value is not None:
-                counter.add_metric(ids[g.index], float(value))
-        yield from _nonempty(counter)
-    for field, name, doc in _FLAGS:
-        flag = GaugeMetricFamily(name, doc, labels=GPU_LABELS)
-        for g in gpus:
-            value = getattr(g, field)
-            if value is not None:
-                flag.add_metric(ids[g.index], 1.0 if value else 0.0)
-        yield from _nonempty(flag)
+    # One series per GPU per plain field; flags (bools) render as 0/1, which float() already does.
+    for fields, family_type in ((_GAUGES, GaugeMetricFamily), (_COUNTERS, CounterMetricFamily),
+                                (_FLAGS, GaugeMetricFamily)):
+        for field, name, doc in fields:
+            family = family_type(name, doc, labels=GPU_LABELS)
+            for g in gpus:
+                value = getattr(g, field)
+                if value is not None:
+                    family.add_metric(ids[g.index], float(value))
+            yield from _nonempty(family)
 
     yield from _labelled(gpus, ids, "gpu_temperature_threshold_celsius", "Driver temperature thresholds",
                          "threshold", lambda g: g.temperature_thresholds_celsius)
