@@ -20,9 +20,9 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any
 
+from exporter.nvml import CLOCK_EVENT_REASONS
 from exporter.simulate.scenario import (
     ARCHITECTURES,
-    CLOCK_EVENT_REASONS,
     ERROR_CODES,
     Scenario,
     TimedEvent,

@@ -21,6 +21,8 @@ from typing import Any
 
 import yaml
 
+from exporter.nvml import CLOCK_EVENT_REASONS
+
 
 class ScenarioError(ValueError):
     """A scenario file or event is invalid; the message says where and what was expected."""
@@ -31,17 +33,6 @@ class ScenarioError(ValueError):
 ARCHITECTURES = {
     "kepler": 2, "maxwell": 3, "pascal": 4, "volta": 5, "turing": 6,
     "ampere": 7, "ada": 8, "hopper": 9, "blackwell": 10,
-}
-CLOCK_EVENT_REASONS = {
-    "gpu_idle": 0x1,
-    "applications_clocks_setting": 0x2,
-    "sw_power_cap": 0x4,
-    "hw_slowdown": 0x8,
-    "sync_boost": 0x10,
-    "sw_thermal_slowdown": 0x20,
-    "hw_thermal_slowdown": 0x40,
-    "hw_power_brake_slowdown": 0x80,
-    "display_clock_setting": 0x100,
 }
 THRESHOLDS = ("slowdown", "shutdown", "gpu_max", "memory_max")
 CLOCKS = ("graphics", "sm", "memory")
