@@ -468,25 +468,21 @@ class FakeNvmlLib:
 
     # --- clocks, fan, P-state, PCIe ----------------------------------------------------------------
 
-    def nvmlDeviceGetClockInfo(self, handle: Any, clock: Any, out: Any) -> int:
-        rc, g = self._dev(handle, "clocks_hertz")
+    def _clock(self, handle: Any, clock: Any, out: Any, field: str, key: str) -> int:
+        rc, g = self._dev(handle, field)
         if g is None:
             return rc
-        value = g["clocks_mhz"].get(_CLOCK_IDS.get(clock.value, ""))
+        value = g[key].get(_CLOCK_IDS.get(clock.value, ""))
         if value is None:
             return ERROR_NOT_SUPPORTED
         out._obj.value = value
         return SUCCESS
 
+    def nvmlDeviceGetClockInfo(self, handle: Any, clock: Any, out: Any) -> int:
+        return self._clock(handle, clock, out, "clocks_hertz", "clocks_mhz")
+
     def nvmlDeviceGetMaxClockInfo(self, handle: Any, clock: Any, out: Any) -> int:
-        rc, g = self._dev(handle, "clocks_max_hertz")
-        if g is None:
-            return rc
-        value = g["clocks_max_mhz"].get(_CLOCK_IDS.get(clock.value, ""))
-        if value is None:
-            return ERROR_NOT_SUPPORTED
-        out._obj.value = value
-        return SUCCESS
+        return self._clock(handle, clock, out, "clocks_max_hertz", "clocks_max_mhz")
 
     def nvmlDeviceGetCurrentClocksEventReasons(self, handle: Any, out: Any) -> int:
         rc, g = self._dev(handle, "clock_event_reasons")
