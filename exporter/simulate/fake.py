@@ -468,7 +468,7 @@ class FakeNvmlLib:
 
     # --- clocks, fan, P-state, PCIe ----------------------------------------------------------------
 
-    def _clock(self, handle: Any, clock: Any, out: Any, field: str, key: str) -> int:
+    def _clock_info(self, handle: Any, clock: Any, out: Any, field: str, key: str) -> int:
         rc, g = self._dev(handle, field)
         if g is None:
             return rc
@@ -479,10 +479,10 @@ class FakeNvmlLib:
         return SUCCESS
 
     def nvmlDeviceGetClockInfo(self, handle: Any, clock: Any, out: Any) -> int:
-        return self._clock(handle, clock, out, "clocks_hertz", "clocks_mhz")
+        return self._clock_info(handle, clock, out, "clocks_hertz", "clocks_mhz")
 
     def nvmlDeviceGetMaxClockInfo(self, handle: Any, clock: Any, out: Any) -> int:
-        return self._clock(handle, clock, out, "clocks_max_hertz", "clocks_max_mhz")
+        return self._clock_info(handle, clock, out, "clocks_max_hertz", "clocks_max_mhz")
 
     def nvmlDeviceGetCurrentClocksEventReasons(self, handle: Any, out: Any) -> int:
         rc, g = self._dev(handle, "clock_event_reasons")
