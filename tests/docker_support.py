@@ -96,6 +96,19 @@ def remove_container(container: Container) -> None:
         docker("rm", "-f", container.id, timeout=30)
 
 
+@contextlib.contextmanager
+def running_containers(*label_sets: dict[str, str], name_prefix: str = "gpu-exp-test") -> Iterator[list[Container]]:
+    """One labelled container per label set; all of them removed afterwards, also when a start fails."""
+    started: list[Container] = []
+    try:
+        for labels in label_sets:
+            started.append(run_container(labels, name_prefix=name_prefix))
+        yield started
+    finally:
+        for container in started:
+            remove_container(container)
+
+
 class SocketProxy:
     """A unix socket at ``path`` forwarding to the engine's socket, which ``stop()`` takes away (the
     exporter then sees exactly what a dead daemon looks like) and ``start()`` brings back."""

@@ -18,8 +18,7 @@ from docker_support import (
     docker,
     ensure_engine,
     ensure_test_image,
-    remove_container,
-    run_container,
+    running_containers,
     socket_proxy,
 )
 
@@ -49,17 +48,8 @@ def engine_ready() -> str:
 
 @pytest.fixture
 def two_containers(engine_ready: str) -> Iterator[tuple[Container, Container]]:
-    compose = run_container(COMPOSE_LABELS)
-    try:
-        k8s = run_container(K8S_LABELS)
-    except BaseException:
-        remove_container(compose)
-        raise
-    try:
+    with running_containers(COMPOSE_LABELS, K8S_LABELS) as (compose, k8s):
         yield compose, k8s
-    finally:
-        remove_container(compose)
-        remove_container(k8s)
 
 
 @pytest.fixture

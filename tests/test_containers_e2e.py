@@ -20,8 +20,7 @@ from docker_support import (
     docker,
     ensure_engine,
     ensure_test_image,
-    remove_container,
-    run_container,
+    running_containers,
 )
 from support import http_get, http_post_json, parse_metrics, start_exporter, wait_until
 
@@ -44,17 +43,8 @@ Samples = list[tuple[dict[str, str], float]]
 def containers() -> Iterator[tuple[Container, Container]]:
     ensure_engine()
     ensure_test_image()
-    compose = run_container(COMPOSE_LABELS, name_prefix="gpu-exp-e2e")
-    try:
-        k8s = run_container(K8S_LABELS, name_prefix="gpu-exp-e2e")
-    except BaseException:
-        remove_container(compose)
-        raise
-    try:
+    with running_containers(COMPOSE_LABELS, K8S_LABELS, name_prefix="gpu-exp-e2e") as (compose, k8s):
         yield compose, k8s
-    finally:
-        remove_container(compose)
-        remove_container(k8s)
 
 
 def second_process(container: Container) -> int:
