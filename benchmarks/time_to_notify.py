@@ -33,13 +33,12 @@ from typing import Any
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT / "tests"))
 
-from alert_stack import AlertStack, alert_stack, labels_match  # noqa: E402
-from support import ManagedProcess, http_get, http_post_json, parse_metrics  # noqa: E402
+from alert_stack import AlertStack, alert_stack, labels_match, start_workload  # noqa: E402
+from support import http_get, http_post_json, parse_metrics  # noqa: E402
 
 log = logging.getLogger("time_to_notify")
 HOST = "bench-node"
 TIMEOUT = 60.0
-WORKLOAD_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
 
 def jitter() -> None:
@@ -84,16 +83,6 @@ def run_xid(stack: AlertStack, gpu: int) -> dict[str, float]:
     return {"xid79 (GpuXidHardwareError)": xid - t0, "xid79 (GpuLost)": lost - t0}
 
 
-def _workload(stack: AlertStack, job: str, log_dir: Path, *fault: str) -> ManagedProcess:
-    argv = [
-        sys.executable, "-m", "workload.train", "--device", "cpu", "--job", job,
-        "--exporter-url", stack.exporter_url, "--push-interval", "0.25", "--log-every", "0",
-        "--steps", "0", "--duration", "120", "--batch-size", "4", "--image-size", "16", "--width", "8",
-        "--step-delay", "0.05", *fault,
-    ]  # fmt: skip
-    return ManagedProcess(f"train-{job}", argv, log_dir, env=WORKLOAD_ENV)
-
-
 def _metric(stack: AlertStack, name: str, job: str) -> float:
     status, body = http_get(stack.exporter_url + "/metrics")
     found = [v for lab, v in parse_metrics(body).get(name, []) if lab.get("training_job") == job]
@@ -102,10 +91,10 @@ def _metric(stack: AlertStack, name: str, job: str) -> float:
     return found[0]
 
 
-def run_oom(stack: AlertStack, i: int, log_dir: Path) -> dict[str, float]:
+def run_oom(stack: AlertStack, i: int) -> dict[str, float]:
     job = f"bench-oom-{i}"
     start = time.monotonic()
-    proc = _workload(stack, job, log_dir, "--fault", "oom@30")
+    proc = start_workload(stack, job, "--fault", "oom@30")
     try:
         got = notified_after(stack, labels_match(alertname="GpuTrainingOutOfMemory", training_job=job), start)
         injected = _metric(stack, "training_cuda_oom_last_timestamp_seconds", job)
@@ -114,10 +103,10 @@ def run_oom(stack: AlertStack, i: int, log_dir: Path) -> dict[str, float]:
     return {"training OOM (GpuTrainingOutOfMemory)": got - injected}
 
 
-def run_token(stack: AlertStack, i: int, log_dir: Path) -> dict[str, float]:
+def run_token(stack: AlertStack, i: int) -> dict[str, float]:
     job = f"bench-token-{i}"
     start = time.monotonic()
-    proc = _workload(stack, job, log_dir, "--fault", "auth@6")
+    proc = start_workload(stack, job, "--fault", "auth@6")
     try:
         got = notified_after(stack, labels_match(alertname="GpuTrainingTokenExpired", training_job=job), start)
         injected = _metric(stack, "training_token_expiry_timestamp_seconds", job)
@@ -157,8 +146,8 @@ def main(argv: list[str] | None = None) -> int:
                     add(run_overheating(stack, gpu=i % 8))
                     add(run_xid(stack, gpu=8 + i))
                 for i in range(args.training_runs):
-                    add(run_oom(stack, i, log_dir))
-                    add(run_token(stack, i, log_dir))
+                    add(run_oom(stack, i))
+                    add(run_token(stack, i))
             except AssertionError as exc:
                 print(f"time_to_notify: a notification did not arrive: {exc}", file=sys.stderr)
                 return 1

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -19,7 +20,14 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
-from support import REPO_ROOT, ManagedProcess, start_alertmanager, start_exporter, start_prometheus
+from support import (
+    REPO_ROOT,
+    WORKLOAD_ENV,
+    ManagedProcess,
+    start_alertmanager,
+    start_exporter,
+    start_prometheus,
+)
 
 ALERTS_DIR = REPO_ROOT / "alerts"
 # The address the shipped configs send webhooks to (the demo's receiver); tests replace it.
@@ -162,6 +170,20 @@ class AlertStack:
     alertmanager_url: str
     webhook: WebhookReceiver
     processes: list[ManagedProcess] = field(default_factory=list)
+
+
+def start_workload(stack: AlertStack, job: str, *args: str) -> ManagedProcess:
+    """A small sample training job (CPU, hook pushing every 0.25 s) reporting to the stack's exporter;
+    ``args`` adds e.g. ``--fault oom@20``. Stopped with the stack, if not before."""
+    argv = [
+        sys.executable, "-m", "workload.train", "--device", "cpu", "--job", job,
+        "--exporter-url", stack.exporter_url, "--push-interval", "0.25", "--log-every", "0",
+        "--steps", "0", "--duration", "120", "--batch-size", "4", "--image-size", "16", "--width", "8",
+        "--step-delay", "0.05", *args,
+    ]  # fmt: skip
+    proc = ManagedProcess(f"train-{job}", argv, stack.exporter.log_path.parent, env=WORKLOAD_ENV)
+    stack.processes.append(proc)
+    return proc
 
 
 @contextlib.contextmanager

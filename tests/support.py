@@ -26,6 +26,9 @@ from benchmarks.harness import start_exporter as start_exporter  # noqa: E402
 
 T = TypeVar("T")
 
+# For sample training processes: one thread each, so several share 2 cores without starving the rest.
+WORKLOAD_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
 
 def wait_until(
     condition: Callable[[], T | None],

@@ -11,21 +11,19 @@ from __future__ import annotations
 
 import json
 import signal
-import sys
 import time
 import urllib.parse
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from alert_stack import AlertStack, alert_stack, labels_match
-from support import ManagedProcess, http_get, http_post_json, wait_until
+from alert_stack import AlertStack, alert_stack, labels_match, start_workload
+from support import http_get, http_post_json, wait_until
 
 pytestmark = pytest.mark.slow
 
 HOST = "e2e-node"
 # One torch thread per process: the CI machine has 2 cores.
-WORKLOAD_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 FIRE_TIMEOUT = 30.0  # generous: the fast profile notifies in a few seconds, CI machines are busy
 RESOLVE_TIMEOUT = 45.0
 
@@ -49,19 +47,6 @@ def simulate(stack: AlertStack, event: dict[str, Any]) -> float:
     status, body = http_post_json(stack.exporter_url + "/-/simulate/events", event)
     assert status == 200, body
     return t
-
-
-def workload(stack: AlertStack, job: str, *args: str) -> ManagedProcess:
-    argv = [
-        sys.executable, "-m", "workload.train", "--device", "cpu", "--job", job,
-        "--exporter-url", stack.exporter_url, "--push-interval", "0.25", "--log-every", "0",
-        "--steps", "0", "--duration", "120", "--batch-size", "4", "--image-size", "16", "--width", "8",
-        "--step-delay", "0.05", *args,
-    ]  # fmt: skip
-    log_dir = stack.exporter.log_path.parent
-    proc = ManagedProcess(f"train-{job}", argv, log_dir, env=WORKLOAD_ENV)
-    stack.processes.append(proc)  # stopped with the stack if the test fails half way
-    return proc
 
 
 def am_alerts(stack: AlertStack, *matchers: str, timeout: float = FIRE_TIMEOUT) -> list[dict[str, Any]]:
@@ -120,7 +105,7 @@ def test_training_oom_notifies_with_job_and_rank(stack: AlertStack) -> None:
     hook = stack.webhook
     job = "e2e-oom"
     t0 = time.monotonic()
-    train = workload(stack, job, "--fault", "oom@20")
+    train = start_workload(stack, job, "--fault", "oom@20")
     oom = labels_match(alertname="GpuTrainingOutOfMemory", host=HOST, training_job=job, rank="0")
     note, alert = hook.wait_for_alert(oom, timeout=FIRE_TIMEOUT + 30, since=t0)  # + torch import
     assert note.path == "/ticket" and alert["labels"]["severity"] == "warning"
@@ -135,7 +120,7 @@ def test_expired_token_pages_with_job_rank_and_service(stack: AlertStack) -> Non
     hook = stack.webhook
     job = "e2e-auth"
     t0 = time.monotonic()
-    train = workload(stack, job, "--fault", "auth@6")  # the dataset token expires 6 s into the run
+    train = start_workload(stack, job, "--fault", "auth@6")  # the dataset token expires 6 s into the run
     expired = labels_match(alertname="GpuTrainingTokenExpired", host=HOST, training_job=job, rank="0",
                            service="dataset")
     note, alert = hook.wait_for_alert(expired, timeout=FIRE_TIMEOUT + 30, since=t0)

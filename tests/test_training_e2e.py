@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 from support import (
+    WORKLOAD_ENV,
     ManagedProcess,
     free_port,
     http_get,
@@ -28,7 +29,6 @@ pytestmark = pytest.mark.slow
 Metrics = dict[str, list[tuple[dict[str, str], float]]]
 GiB = 1 << 30
 # One torch thread per process: the CI machine has 2 cores shared by the exporter and the ranks.
-WORKLOAD_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
 
 def exporter(log_dir: Path, *extra: str, port: int | None = None, name: str = "exporter") -> tuple[ManagedProcess, str]:
