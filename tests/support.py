@@ -67,6 +67,13 @@ def http_get(url: str, timeout: float = 5.0, headers: dict[str, str] | None = No
         return err.code, err.read().decode()
 
 
+def scrape(base: str, timeout: float = 5.0) -> dict[str, list[tuple[dict[str, str], float]]]:
+    """GET ``base``/metrics (must answer 200) and parse it: {sample_name: [(labels, value), ...]}."""
+    status, body = http_get(base + "/metrics", timeout=timeout)
+    assert status == 200, body
+    return parse_metrics(body)
+
+
 def http_post_json(
     url: str, payload: Any, timeout: float = 5.0, headers: dict[str, str] | None = None
 ) -> tuple[int, str]:

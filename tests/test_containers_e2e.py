@@ -22,7 +22,7 @@ from docker_support import (
     ensure_test_image,
     running_containers,
 )
-from support import http_get, http_post_json, parse_metrics, start_exporter, wait_until
+from support import http_get, http_post_json, scrape, start_exporter, wait_until
 
 from exporter.containers import container_id_from_cgroup
 
@@ -65,12 +65,6 @@ def second_process(container: Container) -> int:
         return None
 
     return wait_until(find, timeout=10, interval=0.1, message=f"second process in {container.name}")
-
-
-def scrape(base: str) -> dict[str, Samples]:
-    status, body = http_get(f"{base}/metrics")
-    assert status == 200, body
-    return parse_metrics(body)
 
 
 def by_pid(metrics: dict[str, Samples], gpu: str = "0") -> dict[int, dict[str, str]]:

@@ -23,8 +23,8 @@ from support import (
     ManagedProcess,
     http_get,
     http_post_json,
-    parse_metrics,
     prom_query,
+    scrape,
     start_exporter,
     start_prometheus,
     wait_until,
@@ -33,12 +33,6 @@ from support import (
 pytestmark = pytest.mark.slow
 
 Samples = dict[str, list[tuple[dict[str, str], float]]]
-
-
-def scrape(base: str, timeout: float = 5.0) -> Samples:
-    status, body = http_get(base + "/metrics", timeout=timeout)
-    assert status == 200, body
-    return parse_metrics(body)
 
 
 def value(m: Samples, name: str, **labels: str) -> float | None:

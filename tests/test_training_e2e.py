@@ -17,9 +17,8 @@ from support import (
     WORKLOAD_ENV,
     ManagedProcess,
     free_port,
-    http_get,
     http_post_json,
-    parse_metrics,
+    scrape,
     start_exporter,
     wait_until,
 )
@@ -28,7 +27,6 @@ pytestmark = pytest.mark.slow
 
 Metrics = dict[str, list[tuple[dict[str, str], float]]]
 GiB = 1 << 30
-# One torch thread per process: the CI machine has 2 cores shared by the exporter and the ranks.
 
 
 def exporter(log_dir: Path, *extra: str, port: int | None = None, name: str = "exporter") -> tuple[ManagedProcess, str]:
@@ -56,12 +54,6 @@ def finish(proc: ManagedProcess, timeout: float = 90.0) -> tuple[list[dict[str, 
     results = [json.loads(line)["result"] for line in text.splitlines() if line.startswith('{"result"')]
     assert results, text
     return sorted(results, key=lambda r: r["rank"]), text
-
-
-def scrape(base: str) -> Metrics:
-    status, body = http_get(base + "/metrics")
-    assert status == 200, body
-    return parse_metrics(body)
 
 
 def values(metrics: Metrics, name: str, **labels: str) -> list[float]:
