@@ -61,6 +61,11 @@ class Source:
     _cache: dict[str, tuple[object, bytes]] = field(default_factory=dict, repr=False)
 
 
+def _hit(cached: tuple[object, bytes] | None, key: object) -> bool:
+    """Does a cache entry hold the rendering of generation ``key``?"""
+    return cached is not None and (cached[0] is key or cached[0] == key)
+
+
 class _One:
     """Adapts a single collector to the ``registry.collect()`` shape prometheus_client renders."""
 
@@ -162,9 +167,9 @@ class Exposition:
 
     def __init__(self, sources: Sequence[Source] = ()) -> None:
         self.sources: list[Source] = []
-        self.last_scrape_monotonic: float | None = None
-        # Formats scrapers asked for; warm() pre-renders those (Prometheus negotiates OpenMetrics).
-        self.formats_seen: set[str] = {TEXT}
+        # When each format was last scraped (Prometheus negotiates OpenMetrics, curl gets text);
+        # replaced, never mutated, so the poller thread can read it while a scrape updates it.
+        self.last_scraped: dict[str, float] = {}
         for source in sources:
             self.add(source)
 
@@ -176,32 +181,26 @@ class Exposition:
         self.sources.sort(key=lambda s: s.generation is None)
 
     def warm(self) -> bool:
-        """Render the cached sources now (called on the poller thread after a new snapshot), if /metrics
-        was scraped within ``WARM_WHILE_SCRAPED_SECONDS``; return whether it rendered."""
-        last = self.last_scrape_monotonic
-        if last is None or time.monotonic() - last > self.WARM_WHILE_SCRAPED_SECONDS:
-            return False
-        for fmt in tuple(self.formats_seen):
+        """Render the cached sources now (called on the poller thread after a new snapshot) in each
+        format scraped within ``WARM_WHILE_SCRAPED_SECONDS``; return whether it rendered any."""
+        now = time.monotonic()
+        formats = [fmt for fmt, at in self.last_scraped.items() if now - at <= self.WARM_WHILE_SCRAPED_SECONDS]
+        for fmt in formats:
             for source in self.sources:
                 if source.generation is not None:
                     self._part(source, fmt)
-        return True
+        return bool(formats)
 
     def is_cached(self, fmt: str = TEXT) -> bool:
         """True when every cached source holds a rendering of its current generation in ``fmt``."""
-        for source in self.sources:
-            if source.generation is None:
-                continue
-            cached = source._cache.get(fmt)
-            key = source.generation()
-            if cached is None or not (cached[0] is key or cached[0] == key):
-                return False
-        return True
+        return all(
+            _hit(source._cache.get(fmt), source.generation())
+            for source in self.sources
+            if source.generation is not None
+        )
 
     def render(self, fmt: str = TEXT) -> bytes:
-        self.last_scrape_monotonic = time.monotonic()
-        if fmt not in self.formats_seen:
-            self.formats_seen = self.formats_seen | {fmt}
+        self.last_scraped = {**self.last_scraped, fmt: time.monotonic()}
         parts = [self._part(source, fmt) for source in self.sources]
         if fmt == OPENMETRICS:
             parts.append(_OM_EOF)
@@ -211,7 +210,7 @@ class Exposition:
         key = source.generation() if source.generation is not None else None
         if source.generation is not None:
             cached = source._cache.get(fmt)
-            if cached is not None and (cached[0] is key or cached[0] == key):
+            if cached is not None and _hit(cached, key):
                 return cached[1]
         started = time.perf_counter()
         try:
