@@ -148,6 +148,20 @@ def test_prerender_only_while_scraped(monkeypatch: pytest.MonkeyPatch) -> None:
     assert collector.renders == 2 and not exposition.is_cached(TEXT)
 
 
+def test_prerender_only_in_the_formats_scraped() -> None:
+    """Prometheus negotiates OpenMetrics: a poll then pre-renders OpenMetrics only, not text as well."""
+    poller = Poller(StepReader(), 60)
+    collector = CountingCollector(poller)
+    exposition = Exposition([Source("test", collector, generation=lambda: poller.generation)])
+    poller.add_listener(lambda _snapshot: exposition.warm())
+    poller.poll_once()
+    exposition.render(OPENMETRICS)
+    assert collector.renders == 1
+    poller.poll_once()
+    assert collector.renders == 2  # one render: OpenMetrics
+    assert exposition.is_cached(OPENMETRICS) and not exposition.is_cached(TEXT)
+
+
 def test_failing_collector_reports_success_zero_and_others_render() -> None:
     class Broken:
         def collect(self) -> Iterator[Metric]:
