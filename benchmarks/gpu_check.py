@@ -32,11 +32,9 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parent.parent
-if str(REPO) not in sys.path:  # run as a script: make benchmarks/, exporter/ and workload/ importable
-    sys.path.insert(0, str(REPO))
+from harness.process import Child, free_port, parse_metrics, start_exporter
 
-from benchmarks.harness import Child, free_port, parse_metrics, start_exporter  # noqa: E402
+REPO = Path(__file__).resolve().parent.parent
 
 log = logging.getLogger("gpu_check")
 
@@ -279,10 +277,7 @@ def check_side_by_side(exp: Exporter, log_dir: Path, n: int) -> dict[str, Any]:
 
 
 def run_hook_overhead_benchmark() -> dict[str, Any]:
-    script = REPO / "benchmarks" / "hook_overhead.py"
-    if not script.exists():
-        return {"skipped": "benchmarks/hook_overhead.py not in this tree", "failures": []}
-    proc = subprocess.run([sys.executable, str(script), "--cuda"], cwd=REPO, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.hook_overhead", "--cuda"], cwd=REPO, capture_output=True, text=True, timeout=600)
     return {"exit": proc.returncode, "output": proc.stdout[-6000:] + proc.stderr[-2000:],
             "failures": [] if proc.returncode == 0 else ["hook_overhead.py --cuda failed"]}
 

@@ -24,4 +24,4 @@ nvidia-smi -L || true
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 out_dir=${OUT:-/tmp/gpu-check}
 mkdir -p "$out_dir"
-exec "$PY" benchmarks/gpu_check.py --out "$out_dir/gpu_check.json" "$@"
+exec "$PY" -m benchmarks.gpu_check --out "$out_dir/gpu_check.json" "$@"

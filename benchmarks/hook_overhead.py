@@ -34,14 +34,12 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
+import torch
+from torch.nn import functional as F
+
+import exporter.hook as gpu_hook
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
-if str(REPO_ROOT) not in sys.path:  # run as a script: make exporter/ and workload/ importable
-    sys.path.insert(0, str(REPO_ROOT))
-
-import torch  # noqa: E402
-from torch.nn import functional as F  # noqa: E402
-
-import exporter.hook as gpu_hook  # noqa: E402
 
 
 class _Sink(BaseHTTPRequestHandler):

@@ -25,8 +25,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks.harness import percentile, start_exporter
 from exporter.hook.schema import COUNTERS, GAUGES, INGEST_PATH
+from harness.process import percentile, start_exporter
 
 
 def push_body(pid: int, seq: int, job: str) -> bytes:

@@ -34,7 +34,7 @@ from pathlib import Path
 
 import yaml
 
-from benchmarks.harness import Child, free_port, percentile, request, rss_bytes
+from harness.process import Child, free_port, percentile, request, rss_bytes
 
 PROCESSES_PER_GPU = 32
 CLK_TCK = os.sysconf("SC_CLK_TCK")

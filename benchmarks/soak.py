@@ -26,7 +26,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from benchmarks.harness import (
+from harness.process import (
     Child,
     counter_samples,
     open_fds,

@@ -11,7 +11,7 @@ times, measuring injection → notification on the wall clock:
 - token: sample workload with --fault auth@SECONDS → GpuTrainingTokenExpired; injected = the token's
   expiry (training_token_expiry_timestamp_seconds)
 
-    python benchmarks/time_to_notify.py [--runs 5] [--training-runs 3]
+    python -m benchmarks.time_to_notify [--runs 5] [--training-runs 3]
 
 Target (issue 4): median <= 10 s per class. Prints a table; exit 1 if a notification never came.
 """
@@ -30,11 +30,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO_ROOT / "tests"))
+from harness.alert_stack import AlertStack, alert_stack, labels_match, start_workload
+from harness.support import http_get, http_post_json, parse_metrics
 
-from alert_stack import AlertStack, alert_stack, labels_match, start_workload  # noqa: E402
-from support import http_get, http_post_json, parse_metrics  # noqa: E402
+REPO_ROOT = Path(__file__).resolve().parent.parent
 
 log = logging.getLogger("time_to_notify")
 HOST = "bench-node"

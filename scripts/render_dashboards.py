@@ -21,12 +21,11 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO_ROOT))
+from dashboards.grafana import Json
+from dashboards.live import PrometheusError, Window, resolve_variables, run
+from dashboards.queries import Query, load_dashboards
 
-from dashboards.grafana import Json  # noqa: E402
-from dashboards.live import PrometheusError, Window, resolve_variables, run  # noqa: E402
-from dashboards.queries import Query, load_dashboards  # noqa: E402
+REPO_ROOT = Path(__file__).resolve().parent.parent
 
 log = logging.getLogger("render_dashboards")
 UNIT_SCALES: dict[str, list[tuple[float, str]]] = {
@@ -199,8 +198,7 @@ def main(argv: list[str] | None = None) -> int:
         window = Window(end - (args.range or 900), end, max((args.range or 900) / 300, 1), args.rate_interval or "1m")
         paths = render_all(args.prometheus, window, args.out, prefer)
     else:
-        sys.path.insert(0, str(REPO_ROOT / "tests"))
-        from dashboard_stack import DashboardStack
+        from harness.dashboard_stack import DashboardStack
 
         with tempfile.TemporaryDirectory(prefix="render-dashboards-") as tmp, DashboardStack(Path(tmp)) as stack:
             stack.wait_for_data()

@@ -1,13 +1,10 @@
-"""Shared pytest fixtures. Process helpers live in tests/support.py."""
+"""Shared pytest fixtures. Process helpers live in the harness package (harness/support.py)."""
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
 @pytest.fixture

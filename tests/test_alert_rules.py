@@ -17,11 +17,17 @@ from typing import Any
 
 import pytest
 import yaml
-from alert_stack import ALERTS_DIR, WebhookReceiver, alertmanager_config, labels_match
-from support import REPO_ROOT, http_get, http_post_json, require_binary, start_alertmanager, wait_until
 
-sys.path.insert(0, str(ALERTS_DIR))
-import build  # alerts/build.py, the rule generator
+import alerts.build as build  # the rule generator
+from harness.alert_stack import ALERTS_DIR, WebhookReceiver, alertmanager_config, labels_match
+from harness.support import (
+    REPO_ROOT,
+    http_get,
+    http_post_json,
+    require_binary,
+    start_alertmanager,
+    wait_until,
+)
 
 RULE_FILES = [ALERTS_DIR / "gpu-exporter.rules.yml", ALERTS_DIR / "fast" / "gpu-exporter.rules.yml"]
 UNIT_TESTS = sorted((ALERTS_DIR / "tests").glob("*.test.yml"))

@@ -17,8 +17,9 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from alert_stack import AlertStack, alert_stack, labels_match, start_workload
-from support import http_get, http_post_json, wait_until
+
+from harness.alert_stack import AlertStack, alert_stack, labels_match, start_workload
+from harness.support import http_get, http_post_json, wait_until
 
 pytestmark = pytest.mark.slow
 

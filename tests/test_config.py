@@ -6,9 +6,9 @@ import subprocess
 import sys
 
 import pytest
-from support import REPO_ROOT
 
 from exporter.config import ConfigError, Settings, load_settings, parse_listen
+from harness.support import REPO_ROOT
 
 
 def test_defaults_from_nothing() -> None:

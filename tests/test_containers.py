@@ -25,6 +25,7 @@ from exporter.containers import (
     engine_wanted,
 )
 from exporter.snapshot import ContainerInfo, GpuProcess, GpuSample, NodeSnapshot
+from harness.clock import FakeClock
 
 CID = "e81a9168e2eadf77157f720771e3d115a1cb78649fb25f7222863219b01a1581"
 OTHER = "0123456789abcdef" * 4
@@ -124,14 +125,6 @@ def inspect_doc(name: str, image: str, labels: dict[str, str]) -> dict[str, Any]
     return {"Id": "x", "Name": "/" + name, "Image": "sha256:abc", "Config": {"Image": image, "Labels": labels}}
 
 
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
 def fake_proc(root: Path, pids: dict[int, str]) -> Path:
     for pid, text in pids.items():
         (root / str(pid)).mkdir(parents=True)
@@ -154,7 +147,7 @@ def containers(snap: NodeSnapshot) -> dict[int, ContainerInfo | None]:
 
 
 @pytest.fixture
-def setup(tmp_path: Path) -> tuple[ContainerAttributor, FakeEngine, Clock]:
+def setup(tmp_path: Path) -> tuple[ContainerAttributor, FakeEngine, FakeClock]:
     proc = fake_proc(
         tmp_path / "proc",
         {
@@ -177,7 +170,7 @@ def setup(tmp_path: Path) -> tuple[ContainerAttributor, FakeEngine, Clock]:
             )
         }
     )
-    clock = Clock()
+    clock = FakeClock()
     att = ContainerAttributor(
         engine=engine, proc_root=proc, cache_ttl_seconds=60, negative_ttl_seconds=10, retry_seconds=5,
         health_seconds=30, clock=clock,
@@ -185,7 +178,7 @@ def setup(tmp_path: Path) -> tuple[ContainerAttributor, FakeEngine, Clock]:
     return att, engine, clock
 
 
-def test_enricher_attributes_processes(setup: tuple[ContainerAttributor, FakeEngine, Clock]) -> None:
+def test_enricher_attributes_processes(setup: tuple[ContainerAttributor, FakeEngine, FakeClock]) -> None:
     att, engine, _ = setup
     out = containers(att(snapshot_with(100, 101, 200, 300, 999)))
     assert out[100] == ContainerInfo(
@@ -203,7 +196,7 @@ def test_enricher_attributes_processes(setup: tuple[ContainerAttributor, FakeEng
     assert att.stats().up is True
 
 
-def test_cache_ttl_and_bound(setup: tuple[ContainerAttributor, FakeEngine, Clock]) -> None:
+def test_cache_ttl_and_bound(setup: tuple[ContainerAttributor, FakeEngine, FakeClock]) -> None:
     att, engine, clock = setup
     att(snapshot_with(100, 200))
     att(snapshot_with(100, 200))
@@ -220,7 +213,7 @@ def test_cache_ttl_and_bound(setup: tuple[ContainerAttributor, FakeEngine, Clock
 
 
 def test_daemon_gone_then_back(
-    setup: tuple[ContainerAttributor, FakeEngine, Clock], caplog: pytest.LogCaptureFixture
+    setup: tuple[ContainerAttributor, FakeEngine, FakeClock], caplog: pytest.LogCaptureFixture
 ) -> None:
     att, engine, clock = setup
     engine.down = "unavailable"
@@ -246,7 +239,7 @@ def test_daemon_gone_then_back(
     assert att.stats().up is True
 
 
-def test_stale_info_served_while_daemon_down(setup: tuple[ContainerAttributor, FakeEngine, Clock]) -> None:
+def test_stale_info_served_while_daemon_down(setup: tuple[ContainerAttributor, FakeEngine, FakeClock]) -> None:
     att, engine, clock = setup
     att(snapshot_with(100))
     engine.down = "unavailable"
@@ -257,7 +250,7 @@ def test_stale_info_served_while_daemon_down(setup: tuple[ContainerAttributor, F
 
 
 def test_health_ping_notices_a_dead_daemon_behind_cache_hits(
-    setup: tuple[ContainerAttributor, FakeEngine, Clock],
+    setup: tuple[ContainerAttributor, FakeEngine, FakeClock],
 ) -> None:
     att, engine, clock = setup
     att(snapshot_with(100))
@@ -279,7 +272,7 @@ def test_unreadable_proc_logs_once(tmp_path: Path, caplog: pytest.LogCaptureFixt
 
 
 def test_snapshot_without_processes_is_returned_as_is(
-    setup: tuple[ContainerAttributor, FakeEngine, Clock],
+    setup: tuple[ContainerAttributor, FakeEngine, FakeClock],
 ) -> None:
     att, _, _ = setup
     snap = snapshot_with()

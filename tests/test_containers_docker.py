@@ -13,7 +13,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from docker_support import (
+
+from exporter.collectors.containers import DockerCollector
+from exporter.containers import ContainerAttributor, DockerEngine, build_attributor
+from exporter.snapshot import ContainerInfo, GpuProcess, GpuSample, NodeSnapshot
+from harness.docker_stack import (
     Container,
     docker,
     ensure_engine,
@@ -21,10 +25,6 @@ from docker_support import (
     running_containers,
     socket_proxy,
 )
-
-from exporter.collectors.containers import DockerCollector
-from exporter.containers import ContainerAttributor, DockerEngine, build_attributor
-from exporter.snapshot import ContainerInfo, GpuProcess, GpuSample, NodeSnapshot
 
 pytestmark = [pytest.mark.docker, pytest.mark.slow]
 

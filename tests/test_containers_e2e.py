@@ -14,7 +14,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from docker_support import (
+
+from exporter.containers import container_id_from_cgroup
+from harness.docker_stack import (
     TEST_IMAGE,
     Container,
     docker,
@@ -22,9 +24,7 @@ from docker_support import (
     ensure_test_image,
     running_containers,
 )
-from support import http_get, http_post_json, scrape, start_exporter, wait_until
-
-from exporter.containers import container_id_from_cgroup
+from harness.support import http_get, http_post_json, scrape, start_exporter, wait_until
 
 pytestmark = [pytest.mark.docker, pytest.mark.slow]
 

@@ -10,17 +10,13 @@ panel title and the query as sent.
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from dashboard_stack import HOST, JOB, DashboardStack
-
 from dashboards.live import PrometheusError, label_values, prom_api, resolve_variables, run
 from dashboards.queries import Query, iter_queries, load_dashboards
+from harness.dashboard_stack import HOST, JOB, DashboardStack
 
 
 @pytest.mark.slow

@@ -9,7 +9,6 @@ from __future__ import annotations
 import re
 import shutil
 import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -17,13 +16,10 @@ from typing import Any
 import pytest
 import yaml
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO_ROOT))
-
-from dashboards.definitions import DASHBOARDS  # noqa: E402
-from dashboards.generate import generated  # noqa: E402
-from dashboards.grafana import DATASOURCE, FLEET_UID, GPU_UID, TRAINING_UID  # noqa: E402
-from dashboards.queries import (  # noqa: E402
+from dashboards.definitions import DASHBOARDS
+from dashboards.generate import generated
+from dashboards.grafana import DATASOURCE, FLEET_UID, GPU_UID, TRAINING_UID
+from dashboards.queries import (
     Query,
     builtin_values,
     data_panels,
@@ -34,6 +30,8 @@ from dashboards.queries import (  # noqa: E402
     substitute,
     variable_query,
 )
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
 
 DASHBOARDS_JSON = load_dashboards()
 UIDS = {FLEET_UID, GPU_UID, TRAINING_UID}

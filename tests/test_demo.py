@@ -12,7 +12,8 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from support import REPO_ROOT, free_port, require_binary
+
+from harness.support import REPO_ROOT, free_port, require_binary
 
 pytestmark = pytest.mark.slow
 

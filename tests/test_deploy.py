@@ -19,9 +19,9 @@ from typing import Any
 import jsonschema
 import pytest
 import yaml
-from support import REPO_ROOT, require_binary
 
 from exporter.config import Settings, env_name
+from harness.support import REPO_ROOT, require_binary
 
 DEPLOY = REPO_ROOT / "deploy"
 K8S = DEPLOY / "kubernetes"

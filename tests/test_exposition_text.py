@@ -20,7 +20,6 @@ from prometheus_client.core import (
     SummaryMetricFamily,
     UnknownMetricFamily,
 )
-from test_ingest import payload
 
 from exporter.collectors.gpu import GpuCollector
 from exporter.collectors.training import TrainingCollector
@@ -28,6 +27,7 @@ from exporter.exposition import TEXT, _render, render_text
 from exporter.ingest import IngestStore, validate_report
 from exporter.nvml import NvmlReader
 from exporter.simulate import install, load_scenario, shipped_scenarios
+from harness.payloads import payload
 
 
 class _Fixed:

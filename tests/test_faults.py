@@ -19,7 +19,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from support import (
+
+from harness.support import (
     ManagedProcess,
     http_get,
     http_post_json,

@@ -17,11 +17,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from starlette.testclient import TestClient
-from support import parse_metrics
 
 from exporter.cli import build
 from exporter.config import load_settings
 from exporter.hook.schema import COUNTERS, GAUGES, INGEST_PATH, MAX_BODY_BYTES
+from harness.support import parse_metrics
 
 MAX_PROCESSES = 40
 FUZZ = settings(

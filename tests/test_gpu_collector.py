@@ -12,12 +12,12 @@ from pathlib import Path
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.openmetrics.exposition import generate_latest as generate_openmetrics
-from support import parse_metrics, require_binary, wait_until
 
 from exporter.collectors.gpu import GpuCollector
 from exporter.nvml import NvmlReader
 from exporter.simulate import install
 from exporter.snapshot import ContainerInfo, NodeSnapshot
+from harness.support import parse_metrics, require_binary, wait_until
 
 DOCS = Path(__file__).resolve().parent.parent / "docs" / "metrics.md"
 GiB = 2**30

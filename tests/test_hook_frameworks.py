@@ -16,13 +16,13 @@ from typing import Any
 import pytest
 import torch
 from prometheus_client import CollectorRegistry, generate_latest
-from support import parse_metrics
 from torch import nn
 from torch.nn import functional as F
 
 import exporter.hook as gpu_hook
 from exporter.collectors.training import TrainingCollector
 from exporter.ingest import IngestError, IngestStore, parse_body
+from harness.support import parse_metrics
 
 pytestmark = pytest.mark.slow
 

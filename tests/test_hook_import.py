@@ -7,7 +7,7 @@ import json
 import subprocess
 import sys
 
-from support import REPO_ROOT
+from harness.support import REPO_ROOT
 
 FORBIDDEN = ["fastapi", "uvicorn", "starlette", "docker", "pynvml", "prometheus_client", "yaml", "pydantic"]
 

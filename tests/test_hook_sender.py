@@ -12,11 +12,11 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import pytest
-from support import free_port, wait_until
 
 from exporter.hook.monitor import Monitor
 from exporter.hook.schema import INGEST_PATH
 from exporter.hook.sender import Sender
+from harness.support import free_port, wait_until
 
 
 class Receiver:

@@ -17,9 +17,9 @@ from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse
 from starlette.routing import Route
-from support import free_port, start_exporter, wait_until
 
 from exporter.http_limits import guarded_protocol_class, uvicorn_limits
+from harness.support import free_port, start_exporter, wait_until
 
 HEAD, TIMEOUT, BODY = 4096, 1.0, 100_000
 
@@ -176,7 +176,7 @@ def test_real_exporter_memory_does_not_follow_a_huge_header(tmp_path: Path) -> N
         assert reply.startswith(b"HTTP/1.1 431"), reply[:200]
         assert sent < 64  # the server hung up long before the 64 MiB were through
         assert rss() - before < 16 * 2**20
-        from support import http_get
+        from harness.support import http_get
 
         assert http_get(base + "/metrics")[0] == 200
     finally:

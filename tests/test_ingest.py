@@ -14,38 +14,14 @@ from typing import Any
 import pytest
 from prometheus_client import generate_latest
 from prometheus_client.registry import CollectorRegistry
-from support import free_port, http_get, http_post_json, parse_metrics, wait_until
 
 from exporter.collectors.training import TrainingCollector
-from exporter.hook.monitor import Monitor
 from exporter.hook.schema import INGEST_PATH
 from exporter.ingest import IngestError, IngestStore, make_ingest_router, parse_body, validate_report
 from exporter.snapshot import GpuProcess, GpuSample, NodeSnapshot
-
-
-def payload(**over: Any) -> dict[str, Any]:
-    """A push as the real hook builds it (a few steps recorded), with overrides."""
-    mon = Monitor("job-a", rank=1, local_rank=1, world_size=2)
-    for _ in range(3):
-        mon.step_begin()
-        mon.data_ready()
-        mon.step_end(samples=8, tokens=100)
-    mon.observe_loss(0.5)
-    mon.record_auth_failure("hf_hub", 401)
-    mon.set_token_expiry("hf_hub", 2_000_000_000)
-    mon.set_api_quota("openai", 10, 100)
-    doc = mon.build_payload()
-    for key, value in over.items():
-        doc[key] = value
-    return doc
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 1_000_000.0
-
-    def __call__(self) -> float:
-        return self.now
+from harness.clock import FakeClock
+from harness.payloads import payload
+from harness.support import free_port, http_get, http_post_json, parse_metrics, wait_until
 
 
 def render(store: IngestStore, host: str = "node1") -> dict[str, list[tuple[dict[str, str], float]]]:
@@ -109,7 +85,7 @@ def test_body_limits() -> None:
 
 # ---------------------------------------------------------------------------------------------- store
 def test_store_drops_reordered_pushes_and_replaces_restarted_process() -> None:
-    clock = FakeClock()
+    clock = FakeClock(1_000_000.0)
     store = IngestStore(clock=clock)
     base = payload()
     newer = validate_report({**base, "seq": 5})
@@ -126,7 +102,7 @@ def test_store_drops_reordered_pushes_and_replaces_restarted_process() -> None:
 
 
 def test_store_ttl_keeps_then_expires() -> None:
-    clock = FakeClock()
+    clock = FakeClock(1_000_000.0)
     store = IngestStore(ttl_seconds=60, clock=clock)
     store.submit(validate_report(payload()))
     clock.now += 59

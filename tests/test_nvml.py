@@ -8,34 +8,22 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from support import wait_until
 
 from exporter.nvml import NvmlReader
 from exporter.simulate import SimulatedNvml, install, parse_scenario
 from exporter.snapshot import GpuSample, NodeSnapshot
+from harness.clock import FakeClock
+from harness.support import wait_until
 
 GiB = 2**30
-
-
-class Clock:
-    """A clock the test moves by hand (the simulator's timeline and energy integrate over it)."""
-
-    def __init__(self, start: float = 1000.0) -> None:
-        self.t = start
-
-    def __call__(self) -> float:
-        return self.t
-
-    def advance(self, seconds: float) -> None:
-        self.t += seconds
 
 
 class Rig:
     """A simulated fleet plus the reader under test; ``wall`` is the reader's wall clock."""
 
     def __init__(self, scenario: Any) -> None:
-        self.clock = Clock()
-        self.wall = Clock(1_700_000_000.0)
+        self.clock = FakeClock()
+        self.wall = FakeClock(1_700_000_000.0)
         self.sim: SimulatedNvml = install(scenario, clock=self.clock)
         self.reader = NvmlReader("node-t", xid_retry_seconds=0.05, wall_clock=self.wall)
 
@@ -317,7 +305,7 @@ def test_exporter_without_any_nvml_library_keeps_serving(tmp_path: Path) -> None
     down with the reason counted, and keeps retrying (never crashes, never hangs a scrape)."""
     import ctypes.util
 
-    from support import http_get, parse_metrics, start_exporter, wait_until
+    from harness.support import http_get, parse_metrics, start_exporter, wait_until
 
     if ctypes.util.find_library("nvidia-ml"):
         pytest.skip("this machine has a real NVML library")

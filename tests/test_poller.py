@@ -9,12 +9,12 @@ from collections.abc import Iterator
 
 import pytest
 from prometheus_client.core import GaugeMetricFamily, Metric
-from support import parse_metrics, wait_until
 
 from exporter.collectors.exporter_health import ExporterHealthCollector
 from exporter.exposition import OPENMETRICS, TEXT, Exposition, Source, negotiate
 from exporter.poller import Poller
 from exporter.snapshot import GpuSample, NodeSnapshot
+from harness.support import parse_metrics, wait_until
 
 
 class StepReader:
@@ -228,9 +228,9 @@ class GatedCollector:
 def test_an_uncached_render_runs_off_the_event_loop() -> None:
     """While /metrics renders a changed source, /healthz (same server, same event loop) still answers."""
     import uvicorn
-    from support import free_port, http_get
 
     from exporter.app import create_app
+    from harness.support import free_port, http_get
 
     poller = Poller(StepReader(), 60.0)
     slow = GatedCollector()

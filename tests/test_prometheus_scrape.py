@@ -8,7 +8,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from support import (
+
+from harness.support import (
     http_get,
     parse_metrics,
     prom_query,

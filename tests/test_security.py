@@ -31,6 +31,7 @@ from exporter.webconfig import (
     load_web_config,
     uvicorn_ssl_kwargs,
 )
+from harness.clock import FakeClock
 
 INGEST = "/api/v1/training"
 # bcrypt at the lowest cost keeps the tests fast; the format is what production hashes use.
@@ -322,14 +323,6 @@ def test_authenticator_policy() -> None:
 # ---------------------------------------------------------------------------------------- rate limiting
 
 
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
 def test_token_bucket_refills_at_the_rate() -> None:
     clock = FakeClock()
     rl = RateLimiter(2.0, burst=4, clock=clock)
@@ -449,7 +442,8 @@ def test_guard_times_out_a_slow_body() -> None:
     import time
 
     import uvicorn
-    from support import free_port, wait_until
+
+    from harness.support import free_port, wait_until
 
     rejected: list[str] = []
     app = _guarded_app(None, rejected, body_timeout_seconds=0.5)
@@ -519,8 +513,6 @@ def test_store_limits_distinct_jobs_and_processes() -> None:
 TOKEN = "live-ingest-token-0123456789abcdef"
 
 
-
-
 def _https(url: str, ctx: ssl.SSLContext, method: str = "GET", body: bytes | None = None,
            headers: dict[str, str] | None = None) -> tuple[int, str]:
     import urllib.error
@@ -536,7 +528,7 @@ def _https(url: str, ctx: ssl.SSLContext, method: str = "GET", body: bytes | Non
 
 def test_live_tls_basic_auth_and_ingest_token(tmp_path: Path, pki: dict[str, Path]) -> None:
     """The real exporter with a web-config (TLS + basic auth) and an ingest token file."""
-    from support import ManagedProcess, free_port, parse_metrics, wait_until
+    from harness.support import ManagedProcess, free_port, parse_metrics, wait_until
 
     web = write(tmp_path, f"tls_server_config:\n  cert_file: {pki['server_crt']}\n  key_file: {pki['server_key']}\n"
                           f"basic_auth_users:\n  prometheus: '{HASH}'\n")
@@ -585,7 +577,7 @@ def test_live_tls_basic_auth_and_ingest_token(tmp_path: Path, pki: dict[str, Pat
 
 def test_live_mutual_tls(tmp_path: Path, pki: dict[str, Path]) -> None:
     """client_auth_type RequireAndVerifyClientCert: no client certificate, no connection."""
-    from support import ManagedProcess, free_port, parse_metrics, wait_until
+    from harness.support import ManagedProcess, free_port, parse_metrics, wait_until
 
     web = write(tmp_path, f"tls_server_config:\n  cert_file: {pki['server_crt']}\n  key_file: {pki['server_key']}\n"
                           f"  client_auth_type: RequireAndVerifyClientCert\n  client_ca_file: {pki['ca_crt']}\n")

@@ -16,7 +16,11 @@ from pathlib import Path
 
 import pytest
 import uvicorn
-from support import (
+
+from exporter.app import create_app
+from exporter.poller import Poller
+from exporter.snapshot import GpuSample, NodeSnapshot
+from harness.support import (
     ManagedProcess,
     free_port,
     http_get,
@@ -25,10 +29,6 @@ from support import (
     start_exporter,
     wait_until,
 )
-
-from exporter.app import create_app
-from exporter.poller import Poller
-from exporter.snapshot import GpuSample, NodeSnapshot
 
 PROMETHEUS_ACCEPT = (
     "application/openmetrics-text;version=1.0.0,application/openmetrics-text;version=0.0.1;q=0.75,"

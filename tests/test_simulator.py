@@ -13,31 +13,22 @@ from typing import Any
 
 import pynvml
 import pytest
-from support import ManagedProcess, free_port, http_get, parse_metrics, wait_until
 
 from exporter.simulate import ScenarioError, SimulatedNvml, install, load_scenario, shipped_scenarios
 from exporter.simulate.run import main as run_main
+from harness.clock import FakeClock
+from harness.support import ManagedProcess, free_port, http_get, parse_metrics, wait_until
 
 REQUIRED = {"healthy-8gpu", "overheating", "failing-gpu", "busy-multiprocess", "tiny", "mixed-fleet"}
 
 
-class Clock:
-    """A hand-moved clock: the timeline only advances when the test says so."""
-
-    def __init__(self) -> None:
-        self.t = 1000.0
-
-    def __call__(self) -> float:
-        return self.t
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
 
 
 @pytest.fixture
-def clock() -> Clock:
-    return Clock()
-
-
-@pytest.fixture
-def sim_factory(clock: Clock) -> Iterator[Any]:
+def sim_factory(clock: FakeClock) -> Iterator[Any]:
     """install(scenario, clock) + nvmlInit; shut down and uninstall afterwards whatever happens."""
     installed: list[SimulatedNvml] = []
 
@@ -71,13 +62,13 @@ def test_required_scenarios_are_shipped() -> None:
 
 
 @pytest.mark.parametrize("name", shipped_scenarios())
-def test_shipped_scenario_loads_and_runs_its_whole_timeline(name: str, sim_factory: Any, clock: Clock) -> None:
+def test_shipped_scenario_loads_and_runs_its_whole_timeline(name: str, sim_factory: Any, clock: FakeClock) -> None:
     sc = load_scenario(name)
     assert sc.name == name and sc.description and sc.gpus
     assert all(ev.at <= 30 for ev in sc.timeline), "fault times must stay short enough for tests"
     sim = sim_factory(name)
     assert pynvml.nvmlDeviceGetCount() == len(sc.gpus)
-    clock.t += max((ev.at for ev in sc.timeline), default=0) + 10
+    clock.now += max((ev.at for ev in sc.timeline), default=0) + 10
     assert sim.now == pytest.approx(max((ev.at for ev in sc.timeline), default=0) + 10)
     # Every GPU answers (or fails with an NVML error, never anything else) for the calls exporters make.
     for i in range(pynvml.nvmlDeviceGetCount()):
@@ -190,7 +181,7 @@ def test_merge_key_shares_a_spec_and_explicit_keys_win(tmp_path: Path) -> None:
 
 # --- the fake beneath pynvml, on a test clock --------------------------------------------------------
 
-def test_timeline_fires_at_its_time_and_ramps_linearly(tmp_path: Path, sim_factory: Any, clock: Clock) -> None:
+def test_timeline_fires_at_its_time_and_ramps_linearly(tmp_path: Path, sim_factory: Any, clock: FakeClock) -> None:
     path = write(tmp_path, """\
         gpus:
           - {count: 2, temperature_gpu_celsius: 50}
@@ -200,29 +191,29 @@ def test_timeline_fires_at_its_time_and_ramps_linearly(tmp_path: Path, sim_facto
         """)
     sim_factory(str(path))
     h = handle(1)
-    clock.t += 4.99
+    clock.now += 4.99
     assert pynvml.nvmlDeviceGetCurrentClocksEventReasons(h) == 0
-    clock.t += 0.01
+    clock.now += 0.01
     assert pynvml.nvmlDeviceGetCurrentClocksEventReasons(h) == pynvml.nvmlClocksEventReasonHwThermalSlowdown
-    clock.t += 5  # t = 10: ramp starts
+    clock.now += 5  # t = 10: ramp starts
     assert pynvml.nvmlDeviceGetTemperature(h, pynvml.NVML_TEMPERATURE_GPU) == 50
-    clock.t += 5  # halfway
+    clock.now += 5  # halfway
     assert pynvml.nvmlDeviceGetTemperature(h, pynvml.NVML_TEMPERATURE_GPU) == 70
-    clock.t += 100  # past the end: holds the target
+    clock.now += 100  # past the end: holds the target
     assert pynvml.nvmlDeviceGetTemperature(h, pynvml.NVML_TEMPERATURE_GPU) == 90
     assert pynvml.nvmlDeviceGetTemperature(handle(0), pynvml.NVML_TEMPERATURE_GPU) == 50
 
 
-def test_overheating_timeline(sim_factory: Any, clock: Clock) -> None:
+def test_overheating_timeline(sim_factory: Any, clock: FakeClock) -> None:
     sim_factory("overheating")
     thermal = pynvml.nvmlClocksEventReasonSwThermalSlowdown | pynvml.nvmlClocksEventReasonHwThermalSlowdown
     h2, h3 = handle(2), handle(3)
     assert pynvml.nvmlDeviceGetTemperature(h2, 0) == 66
     assert pynvml.nvmlDeviceGetCurrentClocksEventReasons(h2) == 0
-    clock.t += 6
+    clock.now += 6
     assert 66 < pynvml.nvmlDeviceGetTemperature(h2, 0) < 89
     assert pynvml.nvmlDeviceGetCurrentClocksEventReasons(h3) == pynvml.nvmlClocksEventReasonSwPowerCap
-    clock.t += 8  # t = 14
+    clock.now += 8  # t = 14
     slowdown = pynvml.nvmlDeviceGetTemperatureThreshold(h2, pynvml.NVML_TEMPERATURE_THRESHOLD_SLOWDOWN)
     assert pynvml.nvmlDeviceGetTemperature(h2, 0) > slowdown
     assert pynvml.nvmlDeviceGetCurrentClocksEventReasons(h2) == thermal
@@ -231,7 +222,7 @@ def test_overheating_timeline(sim_factory: Any, clock: Clock) -> None:
     assert pynvml.nvmlDeviceGetCurrentClocksEventReasons(handle(0)) == 0
 
 
-def test_failing_gpu_timeline_delivers_xids_then_gpu_is_lost(sim_factory: Any, clock: Clock) -> None:
+def test_failing_gpu_timeline_delivers_xids_then_gpu_is_lost(sim_factory: Any, clock: FakeClock) -> None:
     sim_factory("failing-gpu")
     es = pynvml.nvmlEventSetCreate()
     for i in range(4):
@@ -241,14 +232,14 @@ def test_failing_gpu_timeline_delivers_xids_then_gpu_is_lost(sim_factory: Any, c
     assert pynvml.nvmlDeviceGetTotalEccErrors(h1, uncorrected, pynvml.NVML_VOLATILE_ECC) == 0
     with pytest.raises(pynvml.NVMLError_Timeout):
         pynvml.nvmlEventSetWait(es, 0)
-    clock.t += 7
+    clock.now += 7
     assert pynvml.nvmlDeviceGetTotalEccErrors(h1, uncorrected, pynvml.NVML_VOLATILE_ECC) == 1
     assert pynvml.nvmlDeviceGetTotalEccErrors(h1, pynvml.NVML_MEMORY_ERROR_TYPE_CORRECTED,
                                               pynvml.NVML_AGGREGATE_ECC) == 3 + 12 + 40
     assert pynvml.nvmlDeviceGetRemappedRows(h1) == (1, 1, 1, 0)  # corr, unc, pending, failure
     with pytest.raises(pynvml.NVMLError_NotSupported):  # Ampere: row remapping, no page retirement
         pynvml.nvmlDeviceGetRetiredPagesPendingStatus(h1)
-    clock.t += 10  # t = 17
+    clock.now += 10  # t = 17
     xids = []
     for _ in range(4):
         data = pynvml.nvmlEventSetWait(es, 0)
@@ -261,7 +252,7 @@ def test_failing_gpu_timeline_delivers_xids_then_gpu_is_lost(sim_factory: Any, c
     pynvml.nvmlEventSetFree(es)
 
 
-def test_busy_multiprocess_processes_come_and_go(sim_factory: Any, clock: Clock) -> None:
+def test_busy_multiprocess_processes_come_and_go(sim_factory: Any, clock: FakeClock) -> None:
     sim_factory("busy-multiprocess")
 
     def pids(i: int) -> tuple[set[int], set[int]]:
@@ -271,10 +262,10 @@ def test_busy_multiprocess_processes_come_and_go(sim_factory: Any, clock: Clock)
 
     assert pids(0) == ({7001, 7003}, {1501, 1733})
     assert pids(1)[0] == {7101, 7102, 7103}
-    clock.t += 5.5
+    clock.now += 5.5
     assert pids(0)[1] == {1501, 1733, 7050}
     assert pids(1)[0] == {7101, 7102, 7103, 7310} and pids(2)[0] == {7202, 7203}
-    clock.t += 10
+    clock.now += 10
     assert pids(0) == ({7002, 7003}, {1501, 1733})
     assert pids(1)[0] == {7102, 7103, 7310} and pids(2)[0] == {7202, 7203, 7220}
     mem = pynvml.nvmlDeviceGetMemoryInfo(handle(3), version=pynvml.nvmlMemory_v2)
@@ -335,7 +326,7 @@ def test_apply_good_events(sim_factory: Any) -> None:
     assert pynvml.nvmlDeviceGetCount() == 1
 
 
-def test_uninstall_restores_pynvml(clock: Clock) -> None:
+def test_uninstall_restores_pynvml(clock: FakeClock) -> None:
     before = pynvml.nvmlLib
     sim = install("tiny", clock=clock)
     assert pynvml.nvmlLib is not before

@@ -12,7 +12,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from support import REPO_ROOT
+
+from harness.support import REPO_ROOT
 
 pytestmark = pytest.mark.slow
 

@@ -13,7 +13,8 @@ import time
 from pathlib import Path
 
 import pytest
-from support import (
+
+from harness.support import (
     WORKLOAD_ENV,
     ManagedProcess,
     free_port,

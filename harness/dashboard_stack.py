@@ -15,7 +15,9 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from support import (
+from dashboards.live import Window, empty_queries, prom_api
+from dashboards.queries import load_dashboards
+from harness.support import (
     REPO_ROOT,
     ManagedProcess,
     free_port,
@@ -25,11 +27,6 @@ from support import (
     start_prometheus,
     wait_until,
 )
-
-sys.path.insert(0, str(REPO_ROOT))
-
-from dashboards.live import Window, empty_queries, prom_api
-from dashboards.queries import load_dashboards
 
 log = logging.getLogger(__name__)
 
@@ -110,7 +107,7 @@ class DashboardStack:
                 "GPU_EXPORTER_URL": self.exporter, "OMP_NUM_THREADS": "1",
             }
             argv = [
-                sys.executable, str(REPO_ROOT / "tests" / "fake_allocator_train.py"),
+                sys.executable, "-m", "harness.fake_allocator_train",
                 "--steps", "0", "--duration", "600", "--device", "cpu", "--job", JOB,
                 "--push-interval", "0.5", "--step-delay", str(self.steps_delay), "--log-every", "0",
                 "--fault", "oom@100", "--fault", "nan@110:2", "--fault", "auth@8", "--fault", "slow-rank@1:2",

@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from support import REPO_ROOT
+from harness.support import REPO_ROOT
 
 TEST_IMAGE = "gpu-exporter-test/busybox:latest"
 TEST_LABEL = "gpu-exporter-test"

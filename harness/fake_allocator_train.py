@@ -4,7 +4,7 @@ On a CPU-only machine the allocator series (training_cuda_memory_*_bytes) never 
 dashboard live test could not check the panels that show them. This launcher replaces exactly one
 function, exporter.hook.cuda.memory_stats, with plausible numbers in its real output shape; the hook's
 payload building, the ingest path and the exporter's rendering stay the real ones.
-Usage: python tests/fake_allocator_train.py [workload.train arguments...]
+Usage: python -m harness.fake_allocator_train [workload.train arguments...]
 """
 
 from __future__ import annotations
@@ -12,9 +12,6 @@ from __future__ import annotations
 import math
 import sys
 import time
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import exporter.hook.cuda as hook_cuda
 

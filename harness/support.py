@@ -1,11 +1,10 @@
-"""Helpers the tests share: free ports, condition polling, and real child processes
+"""Helpers tests and benchmarks share: free ports, condition polling, and real child processes
 (the exporter, Prometheus, Alertmanager) started on loopback and stopped afterwards."""
 
 from __future__ import annotations
 
 import json
 import shutil
-import sys
 import time
 import urllib.error
 import urllib.parse
@@ -14,15 +13,11 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-if str(REPO_ROOT) not in sys.path:  # benchmarks/ (process helpers shared with the benchmark scripts)
-    sys.path.insert(0, str(REPO_ROOT))
-
-# One implementation of these for tests and benchmarks alike; the tests import them from here.
-from benchmarks.harness import Child as ManagedProcess  # noqa: E402
-from benchmarks.harness import free_port as free_port  # noqa: E402
-from benchmarks.harness import parse_metrics as parse_metrics  # noqa: E402
-from benchmarks.harness import start_exporter as start_exporter  # noqa: E402
+from harness.process import REPO_ROOT as REPO_ROOT
+from harness.process import Child as ManagedProcess
+from harness.process import free_port as free_port
+from harness.process import parse_metrics as parse_metrics
+from harness.process import start_exporter as start_exporter
 
 T = TypeVar("T")
 

@@ -20,7 +20,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
-from support import (
+from harness.support import (
     REPO_ROOT,
     WORKLOAD_ENV,
     ManagedProcess,
