@@ -3,7 +3,7 @@
 Why a generator: thresholds differ per fleet and the demo/test ("fast") profile needs short `for:`
 durations and look-back windows, while the alert logic must stay identical in both profiles. So the
 logic is written once (rules.in.yml, with ``${name}`` placeholders), every number lives in
-thresholds.yml, and this script writes both profiles. tests/test_alert_rules.py checks that the
+thresholds.yml, and this script writes both profiles. tests/stack/test_alert_rules.py checks that the
 committed outputs equal what this script generates.
 
 Usage: ``python alerts/build.py`` (writes), ``python alerts/build.py --check`` (exit 1 if stale).

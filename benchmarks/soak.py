@@ -3,7 +3,7 @@ concurrent scrapers and process churn, for ``--duration`` seconds.
 
 Prints the exporter's RSS and open file descriptors over time (and their trend after a warm-up),
 whether any counter went backwards between scrapes, how many ERROR lines the exporter logged, and a
-verdict. ``--json PATH`` writes the same as JSON (tests/test_soak.py runs a bounded version and
+verdict. ``--json PATH`` writes the same as JSON (tests/stack/test_soak.py runs a bounded version and
 asserts on it). Exit status 0 when every check passed, 1 otherwise.
 
     python -m benchmarks.soak --duration 1800          # half an hour

@@ -1,7 +1,8 @@
 """``gpu-exporter`` / ``python -m exporter``: settings → reader, poller, collectors, app → uvicorn.
 
-``build()`` is the one place where the parts are wired together; each feature adds its enricher,
-collector source, router or closer there with a small edit. ``main()`` owns the process: validated
+``build()`` is the one place where the parts are wired together: a list of ``Feature``s (GPU, container
+attribution, training ingest), each bringing its enricher, metric source, router, closer and /status
+section; a new feature is one more function and one more entry in that list. ``main()`` owns the process: validated
 settings (exit 2 with a message on bad input), logging, graceful shutdown on SIGTERM/SIGINT (the server
 drains, then the poller stops and NVML is closed) and exit status 0.
 """
@@ -53,13 +54,86 @@ def _nvml_library_version() -> str:
         return "nvidia-ml-py unknown"
 
 
+@dataclass
+class Feature:
+    """What one feature adds to the exporter (node_exporter's collector registry, in this code): a
+    poller enricher, a metric source, an HTTP router, a closer run at shutdown, a /status section.
+    ``build`` collects them in order; a new feature is one more function returning one of these."""
+
+    name: str
+    enricher: Callable[[Any], Any] | None = None  # exporter.poller.Enricher
+    source: Any | None = None  # exporter.exposition.Source
+    router: Any | None = None  # fastapi.APIRouter
+    closer: Callable[[], None] | None = None
+    status: Callable[[], Any] | None = None
+
+
+def _gpu_feature(settings: Settings, reader: Any, poller: Any) -> Feature:
+    """NVML → the gpu_* families; XID events are pushed, not polled (status: GPUs listening)."""
+    from exporter.collectors.gpu import GpuCollector
+    from exporter.exposition import Source
+
+    return Feature(
+        "xid_listener",
+        source=Source("gpu", GpuCollector(lambda: poller.latest), generation=lambda: poller.generation),
+        closer=reader.close,
+        status=lambda: {"gpus": len(reader.xid_listening)},
+    )
+
+
+def _container_feature(settings: Settings, poller: Any, procfs: Any) -> Feature | None:
+    """PID → cgroup → container (Docker engine optional) and the gpu_exporter_docker_* self-metrics."""
+    from exporter.attribution.containers import build_attributor
+
+    attributor = build_attributor(settings.docker, settings.docker_host, procfs)
+    if attributor is None:
+        return None
+    from exporter.collectors.docker import DockerCollector
+    from exporter.exposition import Source
+
+    return Feature(
+        "docker",
+        enricher=attributor,
+        source=Source(
+            "docker", DockerCollector(attributor.stats, settings.host_label), generation=lambda: poller.generation
+        ),
+        closer=attributor.close,
+    )
+
+
+def _training_feature(settings: Settings, procfs: Any) -> tuple[Feature, Any]:
+    """Training hook ingest: POST /api/v1/training → store → training_* series, and the PID join that
+    labels GPU processes with job and rank. Returns the feature and the store (the ingest guard counts
+    its refusals there)."""
+    from exporter.attribution.training import TrainingJoin
+    from exporter.collectors.training import TrainingCollector
+    from exporter.exposition import Source
+    from exporter.ingest.router import make_ingest_router
+    from exporter.ingest.store import IngestStore
+
+    store = IngestStore(
+        settings.training_ttl, settings.training_max_processes, max_jobs=settings.training_max_jobs
+    )
+
+    def training_generation() -> int:
+        store.expire()  # a process past its TTL must change the output even with no new push
+        return store.generation
+
+    feature = Feature(
+        "training",
+        enricher=TrainingJoin(lambda: [p.report for p in store.processes()], procfs),
+        source=Source("training", TrainingCollector(store, settings.host_label), generation=training_generation),
+        router=make_ingest_router(store),
+        status=lambda: {"processes": store.stats()[2]},
+    )
+    return feature, store
+
+
 def build(settings: Settings) -> Runtime:
     """Wire reader → poller (+ enrichers) → collectors → app. Raises ConfigError on a bad scenario."""
-    from fastapi import APIRouter
-
-    from exporter.app import create_app
-    from exporter.exposition import Source
-    from exporter.poller import Enricher, Poller
+    from exporter.attribution.procfs import ProcFS
+    from exporter.poller import Poller
+    from exporter.web.app import create_app
 
     simulator = None
     nvml_library = _nvml_library_version()
@@ -74,104 +148,56 @@ def build(settings: Settings) -> Runtime:
         simulator = install(scenario)
         nvml_library = "simulated"
 
-    from exporter.collectors.gpu import GpuCollector
     from exporter.nvml import NvmlReader
 
     reader = NvmlReader(settings.host_label)
-    closers: list[Callable[[], None]] = [reader.close]
-    enrichers: list[Enricher] = []
-    poller = Poller(reader, settings.interval, enrichers)
-    collectors: list[Source] = [
-        Source("gpu", GpuCollector(lambda: poller.latest), generation=lambda: poller.generation),
+    poller = Poller(reader, settings.interval, [])
+    procfs = ProcFS(settings.proc_root)  # every /proc read of every feature goes through this root
+    training, store = _training_feature(settings, procfs)
+    # -- The feature list: enrichers run, sources render and closers are registered in this order.
+    features = [
+        f
+        for f in (_gpu_feature(settings, reader, poller), _container_feature(settings, poller, procfs), training)
+        if f is not None
     ]
-    routers: list[APIRouter] = []
-    status_sections: dict[str, Callable[[], Any]] = {}
-    # Whether XID events are being received, and for how many GPUs (they are pushed, not polled).
-    status_sections["xid_listener"] = lambda: {"gpus": len(reader.xid_listening)}
-
-    # -- Features wire themselves in here: poller.enrichers.append(...), collectors.append(Source(...)),
-    # -- routers.append(...), closers.append(...), status_sections["name"] = ...
-
-    from exporter.containers import build_attributor
-
-    attributor = build_attributor(settings.docker, settings.docker_host, settings.proc_root)
-    if attributor is not None:
-        from exporter.collectors.containers import DockerCollector
-
-        poller.enrichers.append(attributor)
-        closers.append(attributor.close)
-        collectors.append(
-            Source(
-                "docker",
-                DockerCollector(attributor.stats, settings.host_label),
-                generation=lambda: poller.generation,
-            )
-        )
-
-    # Training hook ingest: POST /api/v1/training -> store -> training_* series + the PID join.
-    from exporter.collectors.training import TrainingCollector
-    from exporter.ingest import IngestStore, make_ingest_router
-
-    store = IngestStore(
-        settings.training_ttl, settings.training_max_processes, max_jobs=settings.training_max_jobs
-    )
-
-    def training_generation() -> int:
-        store.expire()  # a process past its TTL must change the output even with no new push
-        return store.generation
-
-    poller.enrichers.append(store.enrich)
-    collectors.append(
-        Source(
-            "training",
-            TrainingCollector(store, settings.host_label),
-            generation=training_generation,
-        )
-    )
-    routers.append(make_ingest_router(store))
-    status_sections["training"] = lambda: {"processes": store.stats()[2]}
-
+    poller.enrichers.extend(f.enricher for f in features if f.enricher is not None)
+    # Read at request time, so the access-control section added below shows too.
+    status_sections = {f.name: f.status for f in features if f.status is not None}
     app = create_app(
         poller,
         host=settings.host_label,
-        collectors=collectors,
-        routers=routers,
+        collectors=[f.source for f in features if f.source is not None],
+        routers=[f.router for f in features if f.router is not None],
         simulator=simulator,
         settings_summary=settings.summary(),
         status_sections=status_sections,
         nvml_library=nvml_library,
     )
-    uvicorn_options = _add_access_control(app, settings, store, status_sections)
+    uvicorn_options = _add_access_control(app, settings, store.count_rejected, status_sections)
     return Runtime(
         settings=settings,
         poller=poller,
         app=app,
         simulator=simulator,
-        closers=closers,
+        closers=[f.closer for f in features if f.closer is not None],
         reader_close=reader.close,
         uvicorn_options=uvicorn_options,
     )
 
 
 def _add_access_control(
-    app: Any, settings: Settings, store: Any, status_sections: dict[str, Callable[[], Any]]
+    app: Any, settings: Settings, on_reject: Callable[[str], None], status_sections: dict[str, Callable[[], Any]]
 ) -> dict[str, Any]:
     """Web-config (TLS, basic auth) and the ingest guard (token, rate limit, body limits).
 
-    Returns uvicorn keyword arguments: TLS, and the connection limits of exporter.http_limits. Raises ConfigError on an unusable
+    Returns uvicorn keyword arguments: TLS, and the connection limits of exporter.web.http_limits. Raises ConfigError on an unusable
     web-config file or token, so the exporter never serves with less protection than configured.
     """
     from exporter.hook.schema import MAX_BODY_BYTES
-    from exporter.ingest_auth import IngestAuthenticator, IngestTokenError, load_ingest_token
-    from exporter.ingest_guard import IngestGuardMiddleware, RateLimiter
-    from exporter.webconfig import (
-        BasicAuth,
-        BasicAuthMiddleware,
-        WebConfig,
-        WebConfigError,
-        load_web_config,
-        uvicorn_ssl_kwargs,
-    )
+    from exporter.ingest.auth import IngestAuthenticator, IngestTokenError, load_ingest_token
+    from exporter.ingest.guard import IngestGuardMiddleware, RateLimiter
+    from exporter.web.basic_auth import BasicAuth, BasicAuthMiddleware
+    from exporter.web.webconfig import WebConfig, WebConfigError, load_web_config, uvicorn_ssl_kwargs
 
     try:
         web = load_web_config(settings.web_config_file) if settings.web_config_file else WebConfig()
@@ -185,7 +211,7 @@ def _add_access_control(
         authenticator=authenticator,
         limiter=RateLimiter(rate) if rate > 0 else None,
         max_body_bytes=MAX_BODY_BYTES,
-        on_reject=store.count_rejected,
+        on_reject=on_reject,
     )
     if web.basic_auth_users:  # added last: the outermost layer, before anything else runs
         app.add_middleware(BasicAuthMiddleware, auth=BasicAuth(web.basic_auth_users))
@@ -197,7 +223,7 @@ def _add_access_control(
     }
     if not web.basic_auth_users and settings.listen[0] not in ("127.0.0.1", "::1", "localhost"):
         log.info("/metrics is served without authentication on %s (see --web-config-file)", settings.listen[0])
-    from exporter.http_limits import uvicorn_limits
+    from exporter.web.http_limits import uvicorn_limits
 
     # Bounded connections, request heads (size and read time) and bodies, TLS or not.
     return {**uvicorn_limits(), **uvicorn_ssl_kwargs(web.tls)}

@@ -1,7 +1,7 @@
 """A small live stack for the dashboards: the exporter on a simulated 8-GPU node, two ranks of the
 sample workload reporting through the hook, and a real Prometheus scraping every second with the
 alert rules loaded; faults are injected so every panel (XID, ECC, OOM, auth failures, idle GPUs,
-firing alerts) has something to show. Used by tests/test_dashboards_live.py and
+firing alerts) has something to show. Used by tests/stack/test_dashboards_live.py and
 scripts/render_dashboards.py.
 """
 

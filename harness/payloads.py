@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from exporter.hook.monitor import Monitor
+from exporter.hook.schema import COUNTERS
 
 
 def payload(**over: Any) -> dict[str, Any]:
@@ -22,3 +24,12 @@ def payload(**over: Any) -> dict[str, Any]:
     for key, value in over.items():
         doc[key] = value
     return doc
+
+
+def minimal_push(pid: int, job: str = "live", rank: int = 0, seq: int = 1) -> bytes:
+    """The smallest valid push body: identity and every counter at 1."""
+    return json.dumps({
+        "schema": 1, "seq": seq, "process_start_time": 1_700_000_000.0,
+        "identity": {"hostname": "n", "training_job": job, "rank": str(rank), "pid": pid},
+        "counters": {k: 1.0 for k in COUNTERS},
+    }).encode()

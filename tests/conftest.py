@@ -6,6 +6,8 @@ from pathlib import Path
 
 import pytest
 
+from harness.security import make_pki
+
 
 @pytest.fixture
 def log_dir(tmp_path: Path) -> Path:
@@ -13,3 +15,9 @@ def log_dir(tmp_path: Path) -> Path:
     d = tmp_path / "logs"
     d.mkdir()
     return d
+
+
+@pytest.fixture(scope="session")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A throwaway CA, a server certificate for 127.0.0.1/localhost and a client certificate."""
+    return make_pki(tmp_path_factory.mktemp("pki"))

@@ -24,7 +24,8 @@ from prometheus_client.core import (
 from exporter.collectors.gpu import GpuCollector
 from exporter.collectors.training import TrainingCollector
 from exporter.exposition import TEXT, _render, render_text
-from exporter.ingest import IngestStore, validate_report
+from exporter.ingest.store import IngestStore
+from exporter.ingest.validate import validate_report
 from exporter.nvml import NvmlReader
 from exporter.simulate import install, load_scenario, shipped_scenarios
 from harness.payloads import payload

@@ -229,7 +229,7 @@ def test_an_uncached_render_runs_off_the_event_loop() -> None:
     """While /metrics renders a changed source, /healthz (same server, same event loop) still answers."""
     import uvicorn
 
-    from exporter.app import create_app
+    from exporter.web.app import create_app
     from harness.support import free_port, http_get
 
     poller = Poller(StepReader(), 60.0)

@@ -2,7 +2,7 @@
 
 The Prometheus Operator loads rules from PrometheusRule objects, not files; this wraps the very same
 rule groups in one, so Kubernetes users run exactly what the alerts/ tests check. Run it after changing
-alerts/ (tests/test_deploy.py fails while the committed file differs from what this prints):
+alerts/ (tests/stack/test_deploy.py fails while the committed file differs from what this prints):
 
     python deploy/kubernetes/gen_prometheusrule.py            # rewrite the file
     python deploy/kubernetes/gen_prometheusrule.py --check    # exit 1 if it is out of date

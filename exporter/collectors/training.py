@@ -20,7 +20,7 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 
 from exporter.hook.schema import COUNTERS, GAUGES
-from exporter.ingest import IngestStore, TrackedProcess
+from exporter.ingest.store import IngestStore, TrackedProcess
 
 BASE_LABELS = ["host", "training_job", "rank", "local_rank", "world_size", "pid"]
 

@@ -20,7 +20,7 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any
 
-from exporter.nvml import CLOCK_EVENT_REASONS
+from exporter.nvml.fields import CLOCK_EVENT_REASONS
 from exporter.simulate.scenario import (
     ARCHITECTURES,
     ERROR_CODES,

@@ -21,7 +21,7 @@ from typing import Any
 
 import yaml
 
-from exporter.nvml import CLOCK_EVENT_REASONS
+from exporter.nvml.fields import CLOCK_EVENT_REASONS
 
 
 class ScenarioError(ValueError):

@@ -14,8 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from exporter.collectors.containers import DockerCollector
-from exporter.containers import ContainerAttributor, DockerEngine, build_attributor
+from exporter.attribution.containers import ContainerAttributor, build_attributor
+from exporter.attribution.docker import DockerEngine
+from exporter.collectors.docker import DockerCollector
 from exporter.snapshot import ContainerInfo, GpuProcess, GpuSample, NodeSnapshot
 from harness.docker_stack import (
     Container,

@@ -1,5 +1,6 @@
-"""exporter.ingest: validation, the store (stale pushes, restarts, TTL, cardinality), the PID join, the
-training collector's exposition, and the router served by a real uvicorn on loopback."""
+"""exporter.ingest: validation, the store (stale pushes, restarts, TTL, cardinality), the training
+collector's exposition, and the router served by a real uvicorn on loopback. (The PID join that uses
+the store's reports: tests/attribution/test_training_join.py.)"""
 
 from __future__ import annotations
 
@@ -17,8 +18,9 @@ from prometheus_client.registry import CollectorRegistry
 
 from exporter.collectors.training import TrainingCollector
 from exporter.hook.schema import INGEST_PATH
-from exporter.ingest import IngestError, IngestStore, make_ingest_router, parse_body, validate_report
-from exporter.snapshot import GpuProcess, GpuSample, NodeSnapshot
+from exporter.ingest.router import make_ingest_router
+from exporter.ingest.store import IngestStore
+from exporter.ingest.validate import IngestError, parse_body, validate_report
 from harness.clock import FakeClock
 from harness.payloads import payload
 from harness.support import free_port, http_get, http_post_json, parse_metrics, wait_until
@@ -160,41 +162,6 @@ def test_collector_renders_training_series_with_labels() -> None:
     twin["counters"]["steps"] = 7
     store.submit(validate_report(twin))
     assert render(store)["training_steps_total"] == [(labels, 7.0)]
-
-
-# ------------------------------------------------------------------------------------------ PID join
-def _snapshot(*pids: int) -> NodeSnapshot:
-    procs = tuple(GpuProcess(pid=p, process_type="compute", used_memory_bytes=1 << 30) for p in pids)
-    return NodeSnapshot(host="n", timestamp_seconds=0.0, nvml_up=True, gpus=(GpuSample(0, "GPU-0", processes=procs),))
-
-
-def test_enrich_same_namespace_by_pid() -> None:
-    store = IngestStore()
-    doc = payload()
-    store.submit(validate_report(doc))
-    pid = doc["identity"]["pid"]
-    out = store.enrich(_snapshot(pid, pid + 1))
-    joined, other = out.gpus[0].processes
-    assert (joined.training_job, joined.rank) == ("job-a", "1")
-    assert (other.training_job, other.rank) == (None, None)
-
-
-def test_enrich_other_namespace_via_nspid() -> None:
-    # A training process in a container reports PID 7 in namespace 999; the host sees it as 4242.
-    table = {4242: (999, 7), 4243: (999, 8)}
-    store = IngestStore(namespace_of=table.get)
-    doc = payload()
-    doc["identity"].update(pid=7, pid_namespace_inode=999)
-    store.submit(validate_report(doc))
-    out = store.enrich(_snapshot(4242, 4243, 7))
-    names = [(p.pid, p.training_job) for p in out.gpus[0].processes]
-    # host PID 7 is a different process (our own namespace): it must not match
-    assert names == [(4242, "job-a"), (4243, None), (7, None)]
-
-
-def test_enrich_leaves_snapshot_alone_without_reports() -> None:
-    snap = _snapshot(1, 2)
-    assert IngestStore().enrich(snap) is snap
 
 
 # ------------------------------------------------------------------------------ router over real HTTP

@@ -17,38 +17,24 @@ that does not match the certificate or a value that is not a bcrypt hash stops t
 message naming the file and the key (``WebConfigError``), instead of serving something weaker than the
 operator asked for.
 
-Basic auth is enforced by :class:`BasicAuthMiddleware` on every path except the liveness/readiness
-probes (``/healthz``, ``/readyz``: they reveal nothing and kubelet probes carry no credentials) and the
-ingest API (it has its own bearer token, see exporter.ingest_auth). bcrypt is slow on purpose, so
-verified (user, password) pairs are cached under a keyed hash: a scrape every few seconds costs one
-HMAC, not one bcrypt.
+Basic auth is enforced by exporter.web.basic_auth on every path except the liveness/readiness probes
+(``/healthz``, ``/readyz``: they reveal nothing and kubelet probes carry no credentials) and the
+ingest API (it has its own bearer token, see exporter.ingest.auth).
 """
 
 from __future__ import annotations
 
-import base64
-import binascii
-import hashlib
-import hmac
 import inspect
 import logging
 import os
 import re
-import secrets
 import ssl
-import threading
-from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Iterable, Mapping, MutableMapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 log = logging.getLogger(__name__)
-
-ENV_VAR = "GPU_EXPORTER_WEB_CONFIG_FILE"
-
-# Paths basic auth never guards: probes (no credentials, no data) and the ingest API (bearer token).
-DEFAULT_UNPROTECTED_PATHS: frozenset[str] = frozenset({"/healthz", "/readyz", "/api/v1/training"})
 
 _TOP_KEYS = ("tls_server_config", "basic_auth_users")
 _TLS_KEYS = ("cert_file", "key_file", "client_auth_type", "client_ca_file", "min_version", "max_version")
@@ -261,139 +247,3 @@ def uvicorn_ssl_kwargs(tls: TlsServerConfig | None) -> dict[str, Any]:
     elif tls.min_version != "TLS12" or tls.max_version is not None:
         log.warning("this uvicorn cannot set TLS min/max versions; using the TLS library's defaults")
     return kwargs
-
-
-class BasicAuth:
-    """Checks ``Authorization: Basic`` credentials against bcrypt hashes, with a bounded cache.
-
-    The cache maps HMAC(process secret, user, password) to the verdict, so neither passwords nor
-    reusable hashes of them are kept in memory, and a repeated wrong password costs no bcrypt either.
-    Unknown users are checked against a dummy hash so timing does not reveal which users exist.
-    """
-
-    def __init__(self, users: Mapping[str, bytes], cache_size: int = 1024) -> None:
-        import bcrypt
-
-        self._bcrypt = bcrypt
-        self._users = dict(users)
-        self._secret = secrets.token_bytes(32)
-        self._cache: OrderedDict[bytes, bool] = OrderedDict()
-        self._cache_size = cache_size
-        self._lock = threading.Lock()
-        self._dummy = bcrypt.hashpw(b"not a password", bcrypt.gensalt(rounds=10))
-        self.bcrypt_checks = 0  # how often bcrypt actually ran (tests, self-knowledge)
-
-    @staticmethod
-    def parse_header(value: str | None) -> tuple[str, str] | None:
-        """(user, password) from an Authorization header value, or None if absent/malformed."""
-        if not value:
-            return None
-        scheme, _, param = value.strip().partition(" ")
-        if scheme.lower() != "basic" or not param:
-            return None
-        try:
-            decoded = base64.b64decode(param.strip(), validate=True).decode("utf-8")
-        except (binascii.Error, UnicodeDecodeError):
-            return None
-        user, sep, password = decoded.partition(":")
-        return (user, password) if sep else None
-
-    def _key(self, user: str, password: str) -> bytes:
-        msg = user.encode("utf-8", "surrogatepass") + b"\0" + password.encode("utf-8", "surrogatepass")
-        return hmac.new(self._secret, msg, hashlib.sha256).digest()
-
-    def cached(self, user: str, password: str) -> bool | None:
-        """The cached verdict, or None when bcrypt has to run (see :meth:`verify`)."""
-        key = self._key(user, password)
-        with self._lock:
-            verdict = self._cache.get(key)
-            if verdict is not None:
-                self._cache.move_to_end(key)
-            return verdict
-
-    def verify(self, user: str, password: str) -> bool:
-        """Full check (may run bcrypt: ~50-250 ms, call it off the event loop)."""
-        verdict = self.cached(user, password)
-        if verdict is not None:
-            return verdict
-        hashed = None
-        for name, value in self._users.items():
-            # constant-time over the name; the loop visits every user whatever matches
-            if hmac.compare_digest(name.encode("utf-8", "surrogatepass"), user.encode("utf-8", "surrogatepass")):
-                hashed = value
-        try:
-            ok = self._bcrypt.checkpw(password.encode("utf-8", "surrogatepass")[:72], hashed or self._dummy)
-        except ValueError:
-            ok = False
-        ok = ok and hashed is not None
-        self.bcrypt_checks += 1
-        with self._lock:
-            self._cache[self._key(user, password)] = ok
-            while len(self._cache) > self._cache_size:
-                self._cache.popitem(last=False)
-        return ok
-
-
-Scope = MutableMapping[str, Any]
-Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
-Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
-ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
-
-
-class BasicAuthMiddleware:
-    """Pure ASGI middleware (streaming responses pass through untouched) that demands basic auth.
-
-    Add it with ``app.add_middleware(BasicAuthMiddleware, auth=BasicAuth(users))``. bcrypt runs in a
-    worker thread behind a small limiter, so a flood of wrong passwords cannot stall the event loop or
-    take every thread the app's sync endpoints need.
-    """
-
-    def __init__(
-        self,
-        app: ASGIApp,
-        auth: BasicAuth,
-        unprotected_paths: Iterable[str] = DEFAULT_UNPROTECTED_PATHS,
-        realm: str = "gpu-exporter",
-    ) -> None:
-        import anyio
-
-        self.app = app
-        self.auth = auth
-        self.unprotected = frozenset(unprotected_paths)
-        self._challenge = f'Basic realm="{realm}", charset="UTF-8"'.encode("latin-1")
-        self._limiter = anyio.CapacityLimiter(2)
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope.get("path") in self.unprotected:
-            await self.app(scope, receive, send)
-            return
-        header = None
-        for name, value in scope.get("headers", ()):
-            if name == b"authorization":
-                header = value.decode("latin-1")
-                break
-        creds = BasicAuth.parse_header(header)
-        ok = False
-        if creds is not None:
-            verdict = self.auth.cached(*creds)
-            if verdict is None:
-                import anyio.to_thread
-
-                verdict = await anyio.to_thread.run_sync(self.auth.verify, *creds, limiter=self._limiter)
-            ok = verdict
-        if ok:
-            await self.app(scope, receive, send)
-            return
-        body = b"Unauthorized: this exporter requires HTTP basic auth (see its web-config file)\n"
-        await send(
-            {
-                "type": "http.response.start",
-                "status": 401,
-                "headers": [
-                    (b"www-authenticate", self._challenge),
-                    (b"content-type", b"text/plain; charset=utf-8"),
-                    (b"content-length", str(len(body)).encode()),
-                ],
-            }
-        )
-        await send({"type": "http.response.body", "body": body})

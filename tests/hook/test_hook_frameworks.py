@@ -21,7 +21,8 @@ from torch.nn import functional as F
 
 import exporter.hook as gpu_hook
 from exporter.collectors.training import TrainingCollector
-from exporter.ingest import IngestError, IngestStore, parse_body
+from exporter.ingest.store import IngestStore
+from exporter.ingest.validate import IngestError, parse_body
 from harness.support import parse_metrics
 
 pytestmark = pytest.mark.slow

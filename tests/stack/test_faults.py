@@ -5,7 +5,7 @@ NVML faults come from the simulator (POST /-/simulate/events): a GPU erroring mi
 call, a GPU vanishing from enumeration and returning, NVML failing to initialise. Prometheus is the
 real binary, SIGKILLed and restarted. Slow scrapers are raw sockets that never finish their request or
 never read the answer. (Covered elsewhere, not repeated here: the exporter killed and restarted while
-training pushes, tests/test_training_e2e.py; the Docker daemon going away, tests/test_containers_docker.py.)
+training pushes, tests/stack/test_training_e2e.py; the Docker daemon going away, tests/attribution/test_containers_docker.py.)
 """
 
 from __future__ import annotations

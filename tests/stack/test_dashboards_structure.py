@@ -30,8 +30,7 @@ from dashboards.queries import (
     substitute,
     variable_query,
 )
-
-REPO_ROOT = Path(__file__).resolve().parent.parent
+from harness.support import REPO_ROOT
 
 DASHBOARDS_JSON = load_dashboards()
 UIDS = {FLEET_UID, GPU_UID, TRAINING_UID}

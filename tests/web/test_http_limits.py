@@ -18,7 +18,7 @@ from starlette.requests import Request
 from starlette.responses import PlainTextResponse
 from starlette.routing import Route
 
-from exporter.http_limits import guarded_protocol_class, uvicorn_limits
+from exporter.web.http_limits import guarded_protocol_class, uvicorn_limits
 from harness.support import free_port, start_exporter, wait_until
 
 HEAD, TIMEOUT, BODY = 4096, 1.0, 100_000

@@ -17,9 +17,9 @@ from pathlib import Path
 import pytest
 import uvicorn
 
-from exporter.app import create_app
 from exporter.poller import Poller
 from exporter.snapshot import GpuSample, NodeSnapshot
+from exporter.web.app import create_app
 from harness.support import (
     ManagedProcess,
     free_port,

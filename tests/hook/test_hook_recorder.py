@@ -18,7 +18,7 @@ from exporter.hook import auth_status, jwt_expiry
 from exporter.hook.cuda import parse_oom_message
 from exporter.hook.monitor import Monitor
 from exporter.hook.schema import MAX_SERVICES
-from exporter.ingest import validate_report
+from exporter.ingest.validate import validate_report
 
 OOM_TEXT = (
     "CUDA out of memory. Tried to allocate 20.00 MiB. GPU 0 has a total capacity of 79.15 GiB "

@@ -3,7 +3,7 @@
 Runs as pure ASGI middleware on POST /api/v1/training, before FastAPI parses anything, so a hostile or
 broken client costs O(1) work and bounded memory:
 
-1. auth (exporter.ingest_auth): 401 with ``WWW-Authenticate`` / 403 for remote clients without a token
+1. auth (exporter.ingest.auth): 401 with ``WWW-Authenticate`` / 403 for remote clients without a token
    configured. Checked first so that unauthenticated noise never spends a legitimate client's budget.
 2. rate limit: a token bucket per client address (``--ingest-rate-limit`` requests/s, burst twice
    that); 429 with ``Retry-After``. The bucket table is bounded (LRU), so many addresses cannot grow it.
@@ -26,13 +26,11 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterable, MutableMapping
 from typing import Any
 
-from exporter.ingest_auth import Denial, IngestAuthenticator
-from exporter.webconfig import ASGIApp, Receive, Scope, Send
+from exporter.hook.schema import INGEST_PATH, MAX_BODY_BYTES
+from exporter.ingest.auth import Denial, IngestAuthenticator
+from exporter.web.asgi import ASGIApp, Receive, Scope, Send
 
 log = logging.getLogger(__name__)
-
-DEFAULT_PATHS = ("/api/v1/training",)
-DEFAULT_MAX_BODY_BYTES = 64 * 1024
 
 
 class RateLimiter:
@@ -94,10 +92,10 @@ class IngestGuardMiddleware:
         app: ASGIApp,
         authenticator: IngestAuthenticator,
         limiter: RateLimiter | None = None,
-        max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+        max_body_bytes: int = MAX_BODY_BYTES,
         body_timeout_seconds: float = 10.0,
         on_reject: Callable[[str], None] | None = None,
-        paths: Iterable[str] = DEFAULT_PATHS,
+        paths: Iterable[str] = (INGEST_PATH,),
     ) -> None:
         self.app = app
         self.auth = authenticator

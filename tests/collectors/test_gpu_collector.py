@@ -7,7 +7,6 @@ import re
 import subprocess
 from collections.abc import Iterator
 from dataclasses import replace
-from pathlib import Path
 
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
@@ -17,9 +16,9 @@ from exporter.collectors.gpu import GpuCollector
 from exporter.nvml import NvmlReader
 from exporter.simulate import install
 from exporter.snapshot import ContainerInfo, NodeSnapshot
-from harness.support import parse_metrics, require_binary, wait_until
+from harness.support import REPO_ROOT, parse_metrics, require_binary, wait_until
 
-DOCS = Path(__file__).resolve().parent.parent / "docs" / "metrics.md"
+DOCS = REPO_ROOT / "docs" / "metrics.md"
 GiB = 2**30
 Samples = dict[str, list[tuple[dict[str, str], float]]]
 

@@ -1,6 +1,6 @@
 """Container attribution without a Docker engine: cgroup layouts, the cache, the failure policy.
 
-The real engine is exercised in tests/test_containers_docker.py; here the engine is a small fake so
+The real engine is exercised in tests/attribution/test_containers_docker.py; here the engine is a small fake so
 every branch (not found, daemon gone, permission denied, recovery) is reached deterministically.
 """
 
@@ -15,15 +15,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from exporter.containers import (
-    ContainerAttributor,
-    DockerEngine,
-    DockerUnavailable,
-    build_attributor,
-    classify_error,
-    container_id_from_cgroup,
-    engine_wanted,
-)
+from exporter.attribution.containers import ContainerAttributor, build_attributor, container_id_from_cgroup
+from exporter.attribution.docker import DockerEngine, DockerUnavailable, classify_error, engine_wanted
 from exporter.snapshot import ContainerInfo, GpuProcess, GpuSample, NodeSnapshot
 from harness.clock import FakeClock
 

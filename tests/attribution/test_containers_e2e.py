@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from exporter.containers import container_id_from_cgroup
+from exporter.attribution.containers import container_id_from_cgroup
 from harness.docker_stack import (
     TEST_IMAGE,
     Container,

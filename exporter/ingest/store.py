@@ -1,0 +1,122 @@
+"""The latest report of every training process that pushed, until ``--training-ttl`` after it was
+last seen; bounded by ``--training-max-processes`` and ``--training-max-jobs``.
+
+Thread-safe; every mutation bumps ``generation`` so the training collector can cache its output.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from exporter.config import Settings
+from exporter.ingest.validate import IngestError, TrainingReport
+
+
+@dataclass(frozen=True, slots=True)
+class TrackedProcess:
+    report: TrainingReport
+    last_seen: float  # wall clock (Unix seconds) when the exporter last accepted a push
+
+
+class IngestStore:
+    """Latest report per training process, expired ``ttl`` seconds after it was last seen.
+
+    Thread-safe; every mutation bumps ``generation`` so a renderer can cache its output.
+    """
+
+    def __init__(
+        self,
+        ttl_seconds: float = Settings.training_ttl,
+        max_processes: int = Settings.training_max_processes,
+        clock: Callable[[], float] = time.time,
+        max_jobs: int = Settings.training_max_jobs,
+    ) -> None:
+        self.ttl_seconds = float(ttl_seconds)
+        self.max_processes = int(max_processes)
+        self.max_jobs = int(max_jobs)
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._processes: dict[tuple[str, str, str, int, int | None], TrackedProcess] = {}
+        self._requests: dict[str, int] = {"accepted": 0, "rejected": 0}
+        self._rejected: dict[str, int] = {}
+        self.generation = 0
+
+    # ------------------------------------------------------------------ writes
+    def submit(self, report: TrainingReport) -> str:
+        """Store a validated report. Returns "accepted", or "stale" for a reordered older push.
+
+        Raises IngestError("cardinality") when a new process would exceed ``max_processes``.
+        """
+        now = self._clock()
+        key = report.process_key
+        with self._lock:
+            self._expire_locked(now)
+            old = self._processes.get(key)
+            if old is not None:
+                o = old.report
+                if report.process_start_time < o.process_start_time or (
+                    report.process_start_time == o.process_start_time and report.seq <= o.seq
+                ):
+                    self._requests["accepted"] += 1
+                    self.generation += 1
+                    return "stale"
+            elif len(self._processes) >= self.max_processes:
+                self._count_rejected_locked("cardinality")
+                raise IngestError(
+                    "cardinality",
+                    f"already tracking {self.max_processes} training processes (--training-max-processes)",
+                    429,
+                )
+            elif self._job_limit_reached_locked(report.training_job):
+                self._count_rejected_locked("cardinality")
+                raise IngestError(
+                    "cardinality", f"already tracking {self.max_jobs} training jobs (--training-max-jobs)", 429
+                )
+            self._processes[key] = TrackedProcess(report, now)
+            self._requests["accepted"] += 1
+            self.generation += 1
+            return "accepted"
+
+    def _job_limit_reached_locked(self, job: str) -> bool:
+        """Would a new process of ``job`` add one distinct job too many? (Only new processes ask.)"""
+        if len(self._processes) < self.max_jobs:  # fewer processes than the limit: fewer jobs too
+            return False
+        jobs = {k[1] for k in self._processes}
+        return job not in jobs and len(jobs) >= self.max_jobs
+
+    def count_rejected(self, reason: str) -> None:
+        """Count a refused push (the router calls this; so may auth / rate-limit dependencies)."""
+        with self._lock:
+            self._count_rejected_locked(reason)
+
+    def _count_rejected_locked(self, reason: str) -> None:
+        self._requests["rejected"] += 1
+        self._rejected[reason] = self._rejected.get(reason, 0) + 1
+        self.generation += 1
+
+    def expire(self) -> None:
+        with self._lock:
+            self._expire_locked(self._clock())
+
+    def _expire_locked(self, now: float) -> None:
+        cutoff = now - self.ttl_seconds
+        dead = [k for k, p in self._processes.items() if p.last_seen < cutoff]
+        for k in dead:
+            del self._processes[k]
+        if dead:
+            self.generation += 1
+
+    # ------------------------------------------------------------------ reads
+    def processes(self) -> list[TrackedProcess]:
+        """Live processes (expired ones dropped first), oldest first."""
+        with self._lock:
+            self._expire_locked(self._clock())
+            return sorted(self._processes.values(), key=lambda p: p.last_seen)
+
+    def stats(self) -> tuple[dict[str, int], dict[str, int], int]:
+        """(requests by outcome, rejections by reason, processes tracked) for self-metrics."""
+        with self._lock:
+            return dict(self._requests), dict(self._rejected), len(self._processes)
