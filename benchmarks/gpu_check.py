@@ -12,7 +12,7 @@ Run through ``benchmarks/gpu_check.sh`` (it installs the wheels the GPU machine 
    per-process memory (``gpu_process_memory_used_bytes`` carries ``training_job``).
 4. **Side by side with nvitop-exporter** on the same card: /metrics latency p50/p99 of both and the
    memory-used values they report.
-5. The hook overhead benchmark (``benchmarks/hook_overhead.py --cuda``) when it is in the tree.
+5. The hook overhead benchmark (``python -m benchmarks.hook_overhead --cuda``).
 
 Prints a report and writes the same as JSON (``--out``). Exit 1 when a check failed.
 """

@@ -8,7 +8,7 @@
 #   device run --carry .whl -- 'bash benchmarks/gpu_check.sh'
 #
 # It installs the server's Python dependencies from .whl/ when that folder is there (no index is
-# reachable from the GPU machine; torch must already be installed), then runs benchmarks/gpu_check.py,
+# reachable from the GPU machine; torch must already be installed), then runs python -m benchmarks.gpu_check,
 # which prints a report and writes it as JSON to $OUT/gpu_check.json (or /tmp/gpu-check/).
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -13,7 +13,7 @@ Three measurements, each with and without the hook in the same process, alternat
    ``torch.cuda.set_sync_debug_mode("error")``, plus the sender's payload build (allocator stats, OOM
    observer) on the training thread: any synchronising call the hook makes raises and fails the run.
 
-    python benchmarks/hook_overhead.py [--blocks 60 --block-steps 2000 --workload-rounds 20 --workload-steps 150] [--cuda]
+    python -m benchmarks.hook_overhead [--blocks 60 --block-steps 2000 --workload-rounds 20 --workload-steps 150] [--cuda]
 
 Prints figures; exits 1 only when ``--cuda`` caught a synchronisation (or CUDA is missing).
 Targets (issue 3): <= 10 µs per step, <= 0.5 % step time, zero syncs.

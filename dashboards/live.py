@@ -3,7 +3,7 @@
 Template variables are resolved through the Prometheus HTTP API from their own ``label_values``
 queries, in declaration order (so ``$gpu`` sees the chosen ``$host``): multi-value variables with
 "All" get their ``allValue`` (Grafana's default selection), single-value ones the preferred value when
-it exists, else the first. Used by tests/stack/test_dashboards_live.py and scripts/render_dashboards.py.
+it exists, else the first. Used by tests/stack/test_dashboards_live.py and scripts/render_dashboards.py (python -m scripts.render_dashboards).
 """
 
 from __future__ import annotations

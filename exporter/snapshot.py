@@ -33,7 +33,7 @@ class GpuProcess:
     used_memory_bytes: int | None = None
     sm_utilization_ratio: float | None = None
     container: ContainerInfo | None = None
-    # Filled by the training-hook join (exporter.ingest): which job and rank own this PID.
+    # Filled by the training PID join (exporter.attribution.training): which job and rank own this PID.
     training_job: str | None = None
     rank: str | None = None
 

@@ -18,6 +18,7 @@ from collections import deque
 from types import TracebackType
 from typing import Any
 
+from exporter.attribution.procfs import namespace_inode
 from exporter.hook import auth as _auth
 from exporter.hook import cuda as _cuda
 from exporter.hook.schema import MAX_LABEL_LENGTH, MAX_SERVICES, SCHEMA_VERSION
@@ -30,9 +31,8 @@ _perf = time.perf_counter
 def _pid_namespace_inode() -> int | None:
     """Inode of this process's PID namespace: lets the exporter map our PID to the host's."""
     try:
-        link = os.readlink("/proc/self/ns/pid")  # "pid:[4026531836]"
-        return int(link[link.index("[") + 1 : link.index("]")])
-    except (OSError, ValueError):
+        return namespace_inode(os.readlink("/proc/self/ns/pid"))  # "pid:[4026531836]"
+    except OSError:
         return None
 
 

@@ -210,7 +210,7 @@ def test_daemon_gone_then_back(
 ) -> None:
     att, engine, clock = setup
     engine.down = "unavailable"
-    with caplog.at_level(logging.WARNING, logger="exporter.containers"):
+    with caplog.at_level(logging.WARNING, logger="exporter.attribution.containers"):
         for _ in range(5):
             out = containers(att(snapshot_with(100, 200)))
     # Never raises; keeps the id from the cgroup; says so once.
@@ -258,7 +258,7 @@ def test_unreadable_proc_logs_once(tmp_path: Path, caplog: pytest.LogCaptureFixt
     proc = tmp_path / "proc"
     (proc / "100" / "cgroup").mkdir(parents=True)  # a directory: reading it is an OSError, not ENOENT
     att = ContainerAttributor(engine=FakeEngine({}), proc_root=proc)
-    with caplog.at_level(logging.WARNING, logger="exporter.containers"):
+    with caplog.at_level(logging.WARNING, logger="exporter.attribution.containers"):
         for _ in range(3):
             assert containers(att(snapshot_with(100)))[100] is None
     assert len([r for r in caplog.records if "host PID namespace" in r.getMessage()]) == 1

@@ -1,4 +1,4 @@
-"""Connection-level limits (exporter.http_limits): oversized heads, heads that never finish, idle
+"""Connection-level limits (exporter.web.http_limits): oversized heads, heads that never finish, idle
 connections, oversized bodies. First an in-process uvicorn with small limits (fast), then the real
 exporter fed a 64 MiB header, whose memory must not follow."""
 
