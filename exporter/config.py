@@ -22,14 +22,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 ENV_PREFIX = "GPU_EXPORTER_"
-# Variables read by the training hook (exporter.hook), which may share an environment with the exporter.
-HOOK_ENV = frozenset(
-    {"GPU_EXPORTER_URL", "GPU_EXPORTER_JOB", "GPU_EXPORTER_TOKEN", "GPU_EXPORTER_TOKEN_FILE"}
-    | {"GPU_EXPORTER_PUSH_INTERVAL", "GPU_EXPORTER_HOOK"}
-)
-# Secrets read from the environment but never a flag (a flag would show up in `ps`); see ingest_auth.
-SECRET_ENV = frozenset({"GPU_EXPORTER_INGEST_TOKEN"})
+# A secret read from the environment but never a flag (a flag would show up in `ps`); see ingest.auth.
+INGEST_TOKEN_ENV = "GPU_EXPORTER_INGEST_TOKEN"
 LOG_LEVELS = ("debug", "info", "warning", "error")
+DOCKER_MODES = ("auto", "on", "off")
+# The Docker engine's own default address, used when neither --docker-host nor DOCKER_HOST is set.
+DEFAULT_DOCKER_HOST = "unix:///var/run/docker.sock"
 
 
 class ConfigError(ValueError):
@@ -123,8 +121,8 @@ def parse_rate(raw: str) -> float:
 
 def parse_docker_mode(raw: str) -> str:
     mode = raw.strip().lower()
-    if mode not in ("auto", "on", "off"):
-        raise ValueError("expected auto, on or off")
+    if mode not in DOCKER_MODES:
+        raise ValueError(f"expected {', '.join(DOCKER_MODES[:-1])} or {DOCKER_MODES[-1]}")
     return mode
 
 
@@ -176,7 +174,7 @@ class Settings:
         "auto|on|off",
     )
     docker_host: str | None = setting(
-        None, "Docker engine URL (default: DOCKER_HOST, else unix:///var/run/docker.sock)",
+        None, f"Docker engine URL (default: DOCKER_HOST, else {DEFAULT_DOCKER_HOST})",
         parse_optional_str, "URL",
     )
     proc_root: str = setting(
@@ -296,7 +294,12 @@ def load_settings(argv: Sequence[str] | None = None, environ: Mapping[str, str] 
     environ = os.environ if environ is None else environ
     fields = _settings_fields()
     known_env = {env_name(f.name) for f in fields}
-    unknown = sorted(k for k in environ if k.startswith(ENV_PREFIX) and k not in known_env | HOOK_ENV | SECRET_ENV)
+    from exporter.hook.env import (
+        HOOK_ENV_NAMES,  # the training hook's own variables may share the environment
+    )
+
+    allowed = known_env | HOOK_ENV_NAMES | {INGEST_TOKEN_ENV}
+    unknown = sorted(k for k in environ if k.startswith(ENV_PREFIX) and k not in allowed)
     if unknown:
         raise ConfigError(
             f"unknown environment variable(s): {', '.join(unknown)}; "

@@ -33,6 +33,7 @@ from exporter.attribution.docker import (
     engine_wanted,
 )
 from exporter.attribution.procfs import ProcFS
+from exporter.config import Settings
 from exporter.snapshot import ContainerInfo, GpuProcess, GpuSample, NodeSnapshot
 
 log = logging.getLogger(__name__)
@@ -100,7 +101,7 @@ class ContainerAttributor:
     def __init__(
         self,
         engine: DockerEngine | Any | None = None,
-        proc_root: ProcFS | str | os.PathLike[str] = "/proc",
+        proc_root: ProcFS | str | os.PathLike[str] = Settings.proc_root,
         cache_ttl_seconds: float = 60.0,
         negative_ttl_seconds: float = 10.0,
         retry_seconds: float = 5.0,
@@ -248,7 +249,7 @@ class ContainerAttributor:
 
 
 def build_attributor(
-    mode: str, docker_host: str | None = None, proc_root: ProcFS | str = "/proc"
+    mode: str, docker_host: str | None = None, proc_root: ProcFS | str = Settings.proc_root
 ) -> ContainerAttributor | None:
     """The enricher for the given settings, or None when attribution is off (``--docker off``).
 

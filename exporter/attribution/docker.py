@@ -14,6 +14,7 @@ import stat
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
+from exporter.config import DEFAULT_DOCKER_HOST, DOCKER_MODES
 from exporter.snapshot import ContainerInfo
 
 log = logging.getLogger(__name__)
@@ -27,7 +28,6 @@ SELECTED_LABELS: tuple[str, ...] = (
     "io.kubernetes.container.name",
 )
 
-DEFAULT_DOCKER_HOST = "unix:///var/run/docker.sock"
 
 
 class DockerUnavailable(Exception):
@@ -122,9 +122,6 @@ def container_info_from_inspect(container_id: str, doc: Mapping[str, Any]) -> Co
         image=str(config.get("Image") or doc.get("Image") or ""),
         labels={k: str(labels[k]) for k in SELECTED_LABELS if k in labels},
     )
-
-
-DOCKER_MODES = ("auto", "on", "off")
 
 
 def engine_wanted(mode: str, docker_host: str | None, importable: Iterable[str] = ("docker",)) -> bool:

@@ -27,7 +27,7 @@ class ProcFS:
     """/proc as seen under ``root``. Methods raise OSError only where the caller must tell "gone"
     (FileNotFoundError) from "not allowed"; the others answer None when the kernel does not say."""
 
-    def __init__(self, root: str | os.PathLike[str] = "/proc") -> None:
+    def __init__(self, root: str | os.PathLike[str]) -> None:
         self.root = Path(root)
 
     def __repr__(self) -> str:

@@ -43,11 +43,11 @@ class TrainingJoin:
     def __init__(
         self,
         claims: Callable[[], Iterable[PidClaim]],
-        procfs: ProcFS | None = None,
+        procfs: ProcFS,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._claims = claims
-        self._procfs = procfs or ProcFS()
+        self._procfs = procfs
         self._clock = clock
         self._own_ns = self._procfs.pid_namespace("self")
         self._ns_cache: dict[int, tuple[float, tuple[int, int] | None]] = {}

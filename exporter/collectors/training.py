@@ -1,14 +1,14 @@
-"""Renders what training processes pushed (exporter.ingest.IngestStore) as the training_* families.
+"""Renders what training processes pushed (exporter.ingest.store.IngestStore) as the training_* families.
 
-Nothing here talks to a training process: a scrape reads the store. The rendered families are cached
-by the store's generation counter, so scrapes between pushes cost a dictionary lookup. Two reports
+Nothing here talks to a training process: a scrape reads the store. Names, types and help texts come
+from the one table of training figures (exporter.hook.schema.FIGURES); the exposition caches the
+output per store generation, so scrapes between pushes cost a dictionary lookup. Two reports
 that would produce the same label set (e.g. PID 1 of the same job/rank in two containers) are
 de-duplicated, the most recently seen one wins, so the exposition never carries duplicate series.
 """
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Iterator
 
 from prometheus_client.core import (
@@ -19,34 +19,11 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
-from exporter.hook.schema import COUNTERS, GAUGES
+from exporter.hook.schema import COUNTERS, FIGURE_BY_KEY, GAUGES
 from exporter.ingest.store import IngestStore, TrackedProcess
 
 BASE_LABELS = ["host", "training_job", "rank", "local_rank", "world_size", "pid"]
 
-_HELP: dict[str, str] = {
-    "training_steps_total": "Optimizer steps completed by this training process",
-    "training_data_wait_seconds_total": "Time spent waiting for the next batch",
-    "training_compute_seconds_total": "Time between batch arrival and step end (straggler detection under DDP)",
-    "training_samples_total": "Samples processed",
-    "training_tokens_total": "Tokens processed",
-    "training_nonfinite_loss_total": "NaN/Inf losses seen",
-    "training_cuda_alloc_retries_total": "CUDA caching-allocator retries (cache flush and retry)",
-    "training_cuda_oom_total": "CUDA out-of-memory errors, including ones the training code caught",
-    "training_last_step_duration_seconds": "Duration of the most recent step",
-    "training_samples_per_second": "Recent sample throughput (hook-side moving window)",
-    "training_tokens_per_second": "Recent token throughput (hook-side moving window)",
-    "training_loss": "Last sampled loss (read without forcing a device sync)",
-    "training_last_progress_timestamp_seconds": "Unix time of the last completed step",
-    "training_model_flops_utilization_ratio": "Model FLOPs utilization, when the job gives FLOPs per step",
-    "training_cuda_memory_allocated_bytes": "CUDA caching allocator: bytes allocated now",
-    "training_cuda_memory_reserved_bytes": "CUDA caching allocator: bytes reserved now",
-    "training_cuda_memory_max_allocated_bytes": "CUDA caching allocator: peak bytes allocated",
-    "training_cuda_memory_max_reserved_bytes": "CUDA caching allocator: peak bytes reserved",
-    "training_cuda_oom_last_requested_bytes": "Size requested by the last failed CUDA allocation",
-    "training_cuda_oom_last_free_bytes": "Device free memory at the last CUDA OOM",
-    "training_cuda_oom_last_timestamp_seconds": "Unix time of the last CUDA OOM",
-}
 
 
 class TrainingCollector(Collector):
@@ -55,20 +32,11 @@ class TrainingCollector(Collector):
     def __init__(self, store: IngestStore, host: str) -> None:
         self._store = store
         self._host = host
-        self._lock = threading.Lock()
-        self._cache: tuple[int, list[Metric]] | None = None
 
     def collect(self) -> Iterator[Metric]:
+        # Not cached here: exporter.exposition renders a source once per store generation.
         self._store.expire()
-        generation = self._store.generation
-        with self._lock:
-            cached = self._cache
-            if cached is None or cached[0] != generation:
-                # Read the generation before the data: a push racing the render only makes the
-                # cache stale one scrape early, never serves old data under a new generation.
-                cached = (generation, self._render())
-                self._cache = cached
-        yield from cached[1]
+        yield from self._render()
 
     def describe(self) -> list[Metric]:
         return []
@@ -92,14 +60,14 @@ class TrainingCollector(Collector):
             labels=BASE_LABELS,
         )
         duration = SummaryMetricFamily(
-            "training_step_duration_seconds", "Wall time per step", labels=BASE_LABELS
+            "training_step_duration_seconds", FIGURE_BY_KEY["step_duration_seconds_sum"].help, labels=BASE_LABELS
         )
         counters = {
-            key: CounterMetricFamily(name, _HELP.get(name, name), labels=BASE_LABELS)
+            key: CounterMetricFamily(name, FIGURE_BY_KEY[key].help, labels=BASE_LABELS)
             for key, name in COUNTERS.items()
             if key != "step_duration_seconds_sum"
         }
-        gauges = {key: GaugeMetricFamily(name, _HELP.get(name, name), labels=BASE_LABELS) for key, name in GAUGES.items()}
+        gauges = {key: GaugeMetricFamily(name, FIGURE_BY_KEY[key].help, labels=BASE_LABELS) for key, name in GAUGES.items()}
         auth = CounterMetricFamily(
             "training_auth_failures_total",
             "Authentication/authorization failures (401/403, expired token) by service",

@@ -25,6 +25,7 @@ import threading
 import weakref
 
 from exporter.hook.auth import auth_status, auth_status_from_response, jwt_expiry
+from exporter.hook.env import HOOK_ENV, JOB_ENV, PUSH_INTERVAL_ENV, URL_ENV
 from exporter.hook.monitor import Monitor
 from exporter.hook.sender import Sender
 
@@ -73,7 +74,7 @@ def start(
     with _lock:
         if _current is not None and _current.pid == os.getpid():
             return _current
-        name = job or os.environ.get("GPU_EXPORTER_JOB") or _script_name()
+        name = job or os.environ.get(JOB_ENV) or _script_name()
         mon = Monitor(
             name,
             rank=rank,
@@ -86,14 +87,14 @@ def start(
             peak_flops=peak_flops,
         )
         _current = mon
-        if os.environ.get("GPU_EXPORTER_HOOK", "1").strip().lower() in _DISABLED_VALUES:
+        if os.environ.get(HOOK_ENV, "1").strip().lower() in _DISABLED_VALUES:
             mon._silent = True
             return mon
         try:
-            period = interval if interval is not None else float(os.environ.get("GPU_EXPORTER_PUSH_INTERVAL", "1"))
+            period = interval if interval is not None else float(os.environ.get(PUSH_INTERVAL_ENV, "1"))
         except ValueError:
             period = 1.0
-        sender = Sender(mon, url or os.environ.get("GPU_EXPORTER_URL") or DEFAULT_URL, interval=period)
+        sender = Sender(mon, url or os.environ.get(URL_ENV) or DEFAULT_URL, interval=period)
         _senders[mon] = sender
         try:
             sender.start()

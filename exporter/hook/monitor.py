@@ -21,11 +21,14 @@ from typing import Any
 from exporter.attribution.procfs import namespace_inode
 from exporter.hook import auth as _auth
 from exporter.hook import cuda as _cuda
-from exporter.hook.schema import MAX_LABEL_LENGTH, MAX_SERVICES, SCHEMA_VERSION
+from exporter.hook.schema import FIGURES, MAX_LABEL_LENGTH, MAX_SERVICES, SCHEMA_VERSION
 
 log = logging.getLogger("exporter.hook")
 
 _perf = time.perf_counter
+# (wire key, Monitor attribute) of the figures recorded here; the rest are computed in build_payload.
+_RECORDED_COUNTERS = tuple((f.key, f.recorded_as) for f in FIGURES if f.kind == "counter" and f.recorded_as)
+_RECORDED_GAUGES = tuple((f.key, f.recorded_as) for f in FIGURES if f.kind == "gauge" and f.recorded_as)
 
 
 def _pid_namespace_inode() -> int | None:
@@ -338,24 +341,8 @@ class Monitor:
         with self._lock:
             self._seq += 1
             seq = self._seq
-            counters: dict[str, float] = {
-                "steps": self.steps,
-                "step_duration_seconds_sum": self.step_seconds,
-                "data_wait_seconds": self.data_wait_seconds,
-                "compute_seconds": self.compute_seconds,
-                "samples": self.samples,
-                "tokens": self.tokens,
-                "nonfinite_loss": self.nonfinite_loss,
-                "cuda_oom": self.ooms,
-            }
-            gauges: dict[str, float | None] = {
-                "last_step_duration_seconds": self.last_step_seconds,
-                "loss": self.loss,
-                "last_progress_timestamp_seconds": self.last_progress_time,
-                "cuda_oom_last_requested_bytes": self.oom_last_requested,
-                "cuda_oom_last_free_bytes": self.oom_last_free,
-                "cuda_oom_last_timestamp_seconds": self.oom_last_time,
-            }
+            counters: dict[str, float] = {key: getattr(self, attr) for key, attr in _RECORDED_COUNTERS}
+            gauges: dict[str, float | None] = {key: getattr(self, attr) for key, attr in _RECORDED_GAUGES}
             auth = [
                 {"service": s, "status_code": c, "count": n} for (s, c), n in self.auth_failures.items()
             ]

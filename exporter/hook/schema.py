@@ -8,6 +8,8 @@ arrives after a newer one from the same process (same ``process_start_time``).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 SCHEMA_VERSION = 1
 INGEST_PATH = "/api/v1/training"
 
@@ -23,35 +25,66 @@ IDENTITY_STR_KEYS = (
     "framework",
 )
 
-# Cumulative counters (non-negative numbers) -> metric name (without host/job/... labels).
-COUNTERS: dict[str, str] = {
-    "steps": "training_steps_total",
-    "step_duration_seconds_sum": "training_step_duration_seconds_sum",
-    "data_wait_seconds": "training_data_wait_seconds_total",
-    "compute_seconds": "training_compute_seconds_total",
-    "samples": "training_samples_total",
-    "tokens": "training_tokens_total",
-    "nonfinite_loss": "training_nonfinite_loss_total",
-    "cuda_alloc_retries": "training_cuda_alloc_retries_total",
-    "cuda_oom": "training_cuda_oom_total",
-}
+@dataclass(frozen=True)
+class Figure:
+    """One training figure, named once: its key in a push, its metric, the metric type and help text,
+    and the ``Monitor`` attribute that records it (None: computed while the push is built)."""
 
-# Gauges (numbers; absent or null = no series). Only ``loss`` may be NaN/Inf.
-GAUGES: dict[str, str] = {
-    "last_step_duration_seconds": "training_last_step_duration_seconds",
-    "samples_per_second": "training_samples_per_second",
-    "tokens_per_second": "training_tokens_per_second",
-    "loss": "training_loss",
-    "last_progress_timestamp_seconds": "training_last_progress_timestamp_seconds",
-    "model_flops_utilization_ratio": "training_model_flops_utilization_ratio",
-    "cuda_memory_allocated_bytes": "training_cuda_memory_allocated_bytes",
-    "cuda_memory_reserved_bytes": "training_cuda_memory_reserved_bytes",
-    "cuda_memory_max_allocated_bytes": "training_cuda_memory_max_allocated_bytes",
-    "cuda_memory_max_reserved_bytes": "training_cuda_memory_max_reserved_bytes",
-    "cuda_oom_last_requested_bytes": "training_cuda_oom_last_requested_bytes",
-    "cuda_oom_last_free_bytes": "training_cuda_oom_last_free_bytes",
-    "cuda_oom_last_timestamp_seconds": "training_cuda_oom_last_timestamp_seconds",
-}
+    key: str
+    metric: str
+    kind: str  # "counter" (cumulative, non-negative) or "gauge" (absent or null = no series)
+    help: str
+    recorded_as: str | None = None
+
+
+FIGURES: tuple[Figure, ...] = (
+    Figure("steps", "training_steps_total", "counter",
+           "Optimizer steps completed by this training process", "steps"),
+    # Rendered with ``steps`` as the summary training_step_duration_seconds (its _sum), not as a counter.
+    Figure("step_duration_seconds_sum", "training_step_duration_seconds_sum", "counter",
+           "Wall time per step", "step_seconds"),
+    Figure("data_wait_seconds", "training_data_wait_seconds_total", "counter",
+           "Time spent waiting for the next batch", "data_wait_seconds"),
+    Figure("compute_seconds", "training_compute_seconds_total", "counter",
+           "Time between batch arrival and step end (straggler detection under DDP)", "compute_seconds"),
+    Figure("samples", "training_samples_total", "counter", "Samples processed", "samples"),
+    Figure("tokens", "training_tokens_total", "counter", "Tokens processed", "tokens"),
+    Figure("nonfinite_loss", "training_nonfinite_loss_total", "counter", "NaN/Inf losses seen", "nonfinite_loss"),
+    Figure("cuda_alloc_retries", "training_cuda_alloc_retries_total", "counter",
+           "CUDA caching-allocator retries (cache flush and retry)"),
+    Figure("cuda_oom", "training_cuda_oom_total", "counter",
+           "CUDA out-of-memory errors, including ones the training code caught", "ooms"),
+    Figure("last_step_duration_seconds", "training_last_step_duration_seconds", "gauge",
+           "Duration of the most recent step", "last_step_seconds"),
+    Figure("samples_per_second", "training_samples_per_second", "gauge",
+           "Recent sample throughput (hook-side moving window)"),
+    Figure("tokens_per_second", "training_tokens_per_second", "gauge",
+           "Recent token throughput (hook-side moving window)"),
+    Figure("loss", "training_loss", "gauge", "Last sampled loss (read without forcing a device sync)", "loss"),
+    Figure("last_progress_timestamp_seconds", "training_last_progress_timestamp_seconds", "gauge",
+           "Unix time of the last completed step", "last_progress_time"),
+    Figure("model_flops_utilization_ratio", "training_model_flops_utilization_ratio", "gauge",
+           "Model FLOPs utilization, when the job gives FLOPs per step"),
+    Figure("cuda_memory_allocated_bytes", "training_cuda_memory_allocated_bytes", "gauge",
+           "CUDA caching allocator: bytes allocated now"),
+    Figure("cuda_memory_reserved_bytes", "training_cuda_memory_reserved_bytes", "gauge",
+           "CUDA caching allocator: bytes reserved now"),
+    Figure("cuda_memory_max_allocated_bytes", "training_cuda_memory_max_allocated_bytes", "gauge",
+           "CUDA caching allocator: peak bytes allocated"),
+    Figure("cuda_memory_max_reserved_bytes", "training_cuda_memory_max_reserved_bytes", "gauge",
+           "CUDA caching allocator: peak bytes reserved"),
+    Figure("cuda_oom_last_requested_bytes", "training_cuda_oom_last_requested_bytes", "gauge",
+           "Size requested by the last failed CUDA allocation", "oom_last_requested"),
+    Figure("cuda_oom_last_free_bytes", "training_cuda_oom_last_free_bytes", "gauge",
+           "Device free memory at the last CUDA OOM", "oom_last_free"),
+    Figure("cuda_oom_last_timestamp_seconds", "training_cuda_oom_last_timestamp_seconds", "gauge",
+           "Unix time of the last CUDA OOM", "oom_last_time"),
+)
+FIGURE_BY_KEY = {f.key: f for f in FIGURES}
+# Wire key -> metric name, per type (what the validator accepts and the collector renders).
+COUNTERS: dict[str, str] = {f.key: f.metric for f in FIGURES if f.kind == "counter"}
+GAUGES: dict[str, str] = {f.key: f.metric for f in FIGURES if f.kind == "gauge"}
+# Only ``loss`` may be NaN/Inf.
 NONFINITE_ALLOWED = frozenset({"loss"})
 
 # Per-service sections are bounded on both sides (the hook drops new services past this).

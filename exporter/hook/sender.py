@@ -17,6 +17,7 @@ import urllib.error
 import urllib.request
 from typing import Any
 
+from exporter.hook.env import TOKEN_ENV, TOKEN_FILE_ENV
 from exporter.hook.monitor import Monitor
 from exporter.hook.schema import INGEST_PATH
 
@@ -26,10 +27,10 @@ MAX_BACKOFF_SECONDS = 30.0
 
 
 def _read_token() -> str | None:
-    token = os.environ.get("GPU_EXPORTER_TOKEN")
+    token = os.environ.get(TOKEN_ENV)
     if token:
         return token.strip()
-    path = os.environ.get("GPU_EXPORTER_TOKEN_FILE")
+    path = os.environ.get(TOKEN_FILE_ENV)
     if path:
         try:
             with open(path, encoding="utf-8") as fh:

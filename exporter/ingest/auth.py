@@ -20,10 +20,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from exporter.config import INGEST_TOKEN_ENV
+
 log = logging.getLogger(__name__)
 
-TOKEN_FILE_ENV = "GPU_EXPORTER_INGEST_TOKEN_FILE"
-TOKEN_ENV = "GPU_EXPORTER_INGEST_TOKEN"
 MIN_TOKEN_LENGTH = 16  # shorter tokens work but are warned about: they can be guessed
 MAX_TOKEN_BYTES = 4096
 
@@ -55,9 +55,9 @@ def load_ingest_token(token_file: str | os.PathLike[str] | None, env: Mapping[st
         except UnicodeDecodeError as exc:
             raise IngestTokenError(f"ingest token file {p}: not UTF-8 text") from exc
         source = f"file {p}"
-    elif env.get(TOKEN_ENV) is not None:
-        token = env[TOKEN_ENV].strip()
-        source = f"${TOKEN_ENV}"
+    elif env.get(INGEST_TOKEN_ENV) is not None:
+        token = env[INGEST_TOKEN_ENV].strip()
+        source = f"${INGEST_TOKEN_ENV}"
     if token is None:
         return None
     if not token:

@@ -25,8 +25,9 @@ def make_ingest_router(
 ) -> APIRouter:
     """FastAPI router with POST /api/v1/training.
 
-    ``dependencies`` (e.g. ``[Depends(require_bearer_token)]``) run before the body is read: the
-    place for authentication and rate limits; they may call ``store.count_rejected(reason)``.
+    ``dependencies`` (FastAPI ``Depends(...)``) run before the body is read and may call
+    ``store.count_rejected(reason)``. The exporter itself adds none: its authentication, rate limit
+    and body limits run before routing, in exporter.ingest.guard.
     Answers 202 (accepted or stale), 400 (not JSON), 413 (too large), 422 (schema, with the field),
     429 (too many processes tracked).
     """

@@ -42,7 +42,7 @@ def test_built_proc_root(tmp_path: Path) -> None:
 
 
 def test_real_proc() -> None:
-    procfs = ProcFS()
+    procfs = ProcFS("/proc")
     own = procfs.pid_namespace("self")
     assert own == os.stat("/proc/self/ns/pid").st_ino
     assert procfs.namespace_of(os.getpid()) == (own, os.getpid())
@@ -67,7 +67,7 @@ def namespaced_sleeper() -> Iterator[int]:
 
 
 def test_real_proc_across_pid_namespaces(namespaced_sleeper: int) -> None:
-    procfs = ProcFS()
+    procfs = ProcFS("/proc")
     inode, inner = wait_until(lambda: procfs.namespace_of(namespaced_sleeper), timeout=30, message="NSpid")
     assert inner == 1 and inode != procfs.pid_namespace("self")
 

@@ -27,7 +27,7 @@ def _snapshot(*pids: int) -> NodeSnapshot:
 
 
 def _join(store: IngestStore, procfs: ProcFS | None = None) -> TrainingJoin:
-    return TrainingJoin(lambda: [p.report for p in store.processes()], procfs)
+    return TrainingJoin(lambda: [p.report for p in store.processes()], procfs or ProcFS("/proc"))
 
 
 def test_enrich_same_namespace_by_pid() -> None:
