@@ -28,6 +28,7 @@ from exporter.ingest.store import IngestStore
 from exporter.ingest.validate import validate_report
 from exporter.nvml import NvmlReader
 from exporter.simulate import install, load_scenario, shipped_scenarios
+from harness.clock import FakeClock
 from harness.payloads import payload
 
 
@@ -50,16 +51,16 @@ def assert_same(collector: Any) -> bytes:
 
 
 def test_every_shipped_scenario_renders_identically() -> None:
-    clock = [0.0]
+    clock = FakeClock(0.0)
     for name in shipped_scenarios():
-        sim = install(load_scenario(name), clock=lambda: clock[0])
+        sim = install(load_scenario(name), clock=clock)
         reader = NvmlReader("node-t", xid_retry_seconds=0.05)
         try:
             for _ in range(6):
                 snap = reader.read()
                 body = assert_same(GpuCollector(lambda snap=snap: snap))
                 assert b"gpu_up{" in body, name
-                clock[0] += 5
+                clock.advance(5)
         finally:
             reader.close()
             sim.uninstall()

@@ -16,6 +16,7 @@ from exporter.collectors.gpu import GpuCollector
 from exporter.nvml import NvmlReader
 from exporter.simulate import install
 from exporter.snapshot import ContainerInfo, NodeSnapshot
+from harness.clock import FakeClock
 from harness.support import REPO_ROOT, parse_metrics, require_binary, wait_until
 
 DOCS = REPO_ROOT / "docs" / "metrics.md"
@@ -197,14 +198,14 @@ def test_every_shipped_scenario_renders_and_lints() -> None:
     from exporter.simulate import load_scenario, shipped_scenarios
 
     promtool = require_binary("promtool")
-    clock = [0.0]
+    clock = FakeClock(0.0)
     for name in shipped_scenarios():
-        sim = install(load_scenario(name), clock=lambda: clock[0])
+        sim = install(load_scenario(name), clock=clock)
         reader = NvmlReader("node-s", xid_retry_seconds=0.05)
         try:
             snap = reader.read()
             for _ in range(10):
-                clock[0] += 30
+                clock.advance(30)
                 snap = reader.read()
         finally:
             reader.close()

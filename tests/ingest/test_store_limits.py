@@ -6,6 +6,7 @@ import json
 
 import pytest
 
+from harness.clock import FakeClock
 from harness.payloads import minimal_push
 
 
@@ -15,8 +16,8 @@ def test_store_limits_distinct_jobs_and_processes() -> None:
     from exporter.ingest.store import IngestStore
     from exporter.ingest.validate import IngestError, validate_report
 
-    now = [1000.0]
-    store = IngestStore(ttl_seconds=60, max_processes=6, clock=lambda: now[0], max_jobs=2)
+    now = FakeClock(1000.0)
+    store = IngestStore(ttl_seconds=60, max_processes=6, clock=now, max_jobs=2)
 
     def push(job: str, rank: int, seq: int = 1) -> str:
         return store.submit(validate_report(json.loads(minimal_push(100 + rank, job, rank, seq))))
@@ -32,9 +33,9 @@ def test_store_limits_distinct_jobs_and_processes() -> None:
     assert push("b", 0, seq=2) == "accepted"  # an update is never refused
     _, rejected, tracked = store.stats()
     assert rejected == {"cardinality": 2} and tracked == 6
-    now[0] += 30
+    now.advance(30)
     for r in range(5):
         push("a", r, seq=3)
-    now[0] += 45  # b is now 75 s old: expired
+    now.advance(45)  # b is now 75 s old: expired
     assert push("c", 0) == "accepted"
     assert {p.report.training_job for p in store.processes()} == {"a", "c"}
