@@ -7,6 +7,7 @@ multi-value and "All" selections work; counters only ever appear inside ``rate``
 
 from __future__ import annotations
 
+from dashboards.fleet_rollup import fleet_rollup
 from dashboards.grafana import (
     DATASOURCE,
     FLEET_UID,
@@ -311,4 +312,5 @@ DASHBOARDS = {
     "fleet.json": fleet,
     "gpu-detail.json": gpu_detail,
     "training-job.json": training_job,
+    "fleet-rollup.json": fleet_rollup,
 }

@@ -18,6 +18,7 @@ DATASOURCE: dict[str, str] = {"type": "prometheus", "uid": "${datasource}"}
 FLEET_UID = "gpu-exporter-fleet"
 GPU_UID = "gpu-exporter-gpu"
 TRAINING_UID = "gpu-exporter-training"
+FLEET_ROLLUP_UID = "gpu-exporter-fleet-rollup"
 
 Json = dict[str, Any]
 
@@ -177,6 +178,48 @@ def table(
     }
 
 
+def heatmap(title: str, targets: list[Json], *, unit: str, description: str = "", w: int = 12,
+            h: int = 8) -> Json:
+    """A heatmap Grafana buckets itself from many series (one per host): the distribution over time,
+    readable whatever the number of series, where one line per series is not."""
+    return {
+        "type": "heatmap",
+        "title": title,
+        "description": description,
+        "datasource": DATASOURCE,
+        "targets": _with_refs(targets),
+        "fieldConfig": _field_config(unit, thresholds(), minimum=None, maximum=None, links=[]),
+        "options": {
+            "calculate": True,
+            "calculation": {"yBuckets": {"mode": "count", "value": "10"}},
+            "cellGap": 1,
+            "color": {"mode": "scheme", "scheme": "Oranges", "steps": 64, "exponent": 0.5, "fill": "dark-orange"},
+            "yAxis": {"axisPlacement": "left", "unit": unit},
+            "tooltip": {"mode": "single", "yHistogram": True, "showColorScale": True},
+            "legend": {"show": True},
+        },
+        "gridPos": {"w": w, "h": h},
+    }
+
+
+def state_timeline(title: str, targets: list[Json], *, unit: str, thr: Json, description: str = "",
+                   w: int = 24, h: int = 8) -> Json:
+    """One band per series, colored by its thresholds: which host was in which state when."""
+    return {
+        "type": "state-timeline",
+        "title": title,
+        "description": description,
+        "datasource": DATASOURCE,
+        "targets": _with_refs(targets),
+        "fieldConfig": _field_config(unit, thr, minimum=None, maximum=None, links=[],
+                                     custom={"fillOpacity": 80, "lineWidth": 0}),
+        "options": {"mergeValues": True, "showValue": "never", "alignValue": "left", "rowHeight": 0.9,
+                    "legend": {"showLegend": True, "displayMode": "list", "placement": "bottom"},
+                    "tooltip": {"mode": "single", "sort": "none"}},
+        "gridPos": {"w": w, "h": h},
+    }
+
+
 def row(title: str) -> Json:
     return {"type": "row", "title": title, "collapsed": False, "panels": [], "gridPos": {"w": 24, "h": 1}}
 
@@ -238,7 +281,8 @@ def query_var(name: str, label: str, query: str, *, multi: bool, include_all: bo
 
 def dashboard_links(own_uid: str) -> list[Json]:
     """Links to the other two dashboards, carrying the time range and the variables across."""
-    titles = {FLEET_UID: "Fleet", GPU_UID: "GPU detail", TRAINING_UID: "Training job"}
+    titles = {FLEET_UID: "Fleet", GPU_UID: "GPU detail", TRAINING_UID: "Training job",
+              FLEET_ROLLUP_UID: "Fleet roll-up"}
     return [
         {
             "title": title,

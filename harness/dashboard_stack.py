@@ -42,6 +42,8 @@ IDLE_GPU = "2"  # holds rank 1's process but is made idle: "idle but allocated"
 LOST_GPU = "5"  # XID 79 ("fallen off the bus") makes it lost: "GPUs down" in the fleet
 # The shipped rules, fast profile (same expressions, short `for:`): the alert panels read ALERTS.
 ALERT_RULES = REPO_ROOT / "alerts" / "fast" / "gpu-exporter.rules.yml"
+# The fleet roll-ups (one profile), which the Fleet roll-up dashboard reads.
+FLEET_RULES = REPO_ROOT / "alerts" / "fleet.rules.yml"
 
 
 class DashboardStack:
@@ -82,7 +84,7 @@ class DashboardStack:
             self.log_dir, "--simulate", SCENARIO, "--interval", "0.5", "--host-label", HOST, "--docker", "off"
         )
         self.procs.append(exporter)
-        rule_files = [str(ALERT_RULES)]
+        rule_files = [str(ALERT_RULES), str(FLEET_RULES)]
         target = self.exporter.removeprefix("http://")
         config = {
             "global": {"scrape_interval": f"{SCRAPE_SECONDS}s", "evaluation_interval": f"{SCRAPE_SECONDS}s"},

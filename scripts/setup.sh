@@ -9,7 +9,7 @@ cd "$(dirname "$0")/.."
 SUDO=""
 if [ "$(id -u)" != 0 ]; then SUDO="sudo"; fi
 
-apt_packages=(prometheus prometheus-alertmanager docker.io busybox-static)
+apt_packages=(prometheus prometheus-alertmanager victoria-metrics docker.io busybox-static)
 missing=()
 for p in "${apt_packages[@]}"; do
   dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
@@ -21,7 +21,7 @@ if [ "${#missing[@]}" -gt 0 ]; then
   # The packages start services on install where an init system exists; the tests start their own
   # instances on loopback ports, so stop the packaged ones just started (ports and CPU). Only here:
   # on a later run this must not kill a Prometheus that a test or the demo is running.
-  for svc in prometheus prometheus-alertmanager prometheus-node-exporter; do
+  for svc in prometheus prometheus-alertmanager prometheus-node-exporter victoria-metrics; do
     $SUDO pkill -x "$svc" >/dev/null 2>&1 || true
   done
 fi

@@ -1,7 +1,7 @@
 """Structural rules for the dashboards, mirroring grafana's dashboard-linter (a Go tool not available
 here): committed JSON == generated, one datasource variable used everywhere, titles/units/thresholds,
 ``$__rate_interval`` in rates, counters only inside rate/increase, no hard-coded host or GPU, metric
-names from docs/metrics.md, links between the three dashboards, provisioning files that point at them.
+names from docs/metrics.md, links between the dashboards, provisioning files that point at them.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import yaml
 
 from dashboards.definitions import DASHBOARDS
 from dashboards.generate import generated
-from dashboards.grafana import DATASOURCE, FLEET_UID, GPU_UID, TRAINING_UID
+from dashboards.grafana import DATASOURCE, FLEET_ROLLUP_UID, FLEET_UID, GPU_UID, TRAINING_UID
 from dashboards.queries import (
     Query,
     builtin_values,
@@ -33,12 +33,15 @@ from dashboards.queries import (
 from harness.support import REPO_ROOT
 
 DASHBOARDS_JSON = load_dashboards()
-UIDS = {FLEET_UID, GPU_UID, TRAINING_UID}
+UIDS = {FLEET_UID, GPU_UID, TRAINING_UID, FLEET_ROLLUP_UID}
 REQUIRED_VARS = {
     "fleet.json": {"datasource", "host", "gpu"},
     "gpu-detail.json": {"datasource", "host", "gpu"},
     "training-job.json": {"datasource", "host", "rank", "training_job"},
+    "fleet-rollup.json": {"datasource", "model"},
 }
+# The one dashboard built on recording rules (the fleet roll-ups); the others read raw series only.
+ROLLUP_DASHBOARD = "fleet-rollup.json"
 # Labels that identify one machine, GPU, process or job: never a literal value in a dashboard query.
 IDENTITY_LABELS = {"host", "gpu", "uuid", "pci_bus_id", "serial", "pid", "training_job", "rank"}
 RANGE_FUNCS = {"rate", "irate", "increase"}
@@ -90,6 +93,20 @@ def metric_contract() -> tuple[set[str], set[str]]:
 
 
 METRICS, COUNTERS = metric_contract()
+
+
+def recorded_names() -> set[str]:
+    """Series the shipped recording rules (alerts/*.rules.yml) write."""
+    return {
+        rule["record"]
+        for path in (REPO_ROOT / "alerts").glob("*.rules.yml")
+        for group in yaml.safe_load(path.read_text())["groups"]
+        for rule in group["rules"]
+        if "record" in rule
+    }
+
+
+RECORDED = recorded_names()
 
 
 def all_queries() -> Iterator[tuple[str, Query]]:
@@ -177,11 +194,11 @@ def test_committed_json_is_what_the_code_generates() -> None:
         )
 
 
-def test_three_dashboards_with_unique_uids_and_titles() -> None:
+def test_dashboards_have_unique_uids_and_titles() -> None:
     uids = [d["uid"] for d in DASHBOARDS_JSON.values()]
     titles = [d["title"] for d in DASHBOARDS_JSON.values()]
     assert sorted(uids) == sorted(UIDS)
-    assert len(set(titles)) == 3
+    assert len(set(titles)) == len(UIDS)
     for d in DASHBOARDS_JSON.values():
         assert d["schemaVersion"] >= 36, "current Grafana schema"
         assert d.get("id") is None, "a fixed numeric id breaks import/provisioning"
@@ -274,7 +291,8 @@ def test_query_rules(fname: str, query: Query) -> None:
         assert rng.startswith("$__"), f"{where}: hard-coded range [{rng}]"
     expr = NEW_OR_INCREASE.sub(r"\2", expr)
     for name, start, end in metric_occurrences(expr):
-        assert name in METRICS or name in PROM_BUILTIN_SERIES, f"{where}: {name} is not in docs/metrics.md"
+        known = METRICS | PROM_BUILTIN_SERIES | (RECORDED if fname == ROLLUP_DASHBOARD else set())
+        assert name in known, f"{where}: {name} is not in docs/metrics.md"
         if name in COUNTERS:
             after = _blank_strings_and_braces(expr)[end:]
             assert re.match(r"\s*(\{\s*\})?\s*\[", after), (
@@ -295,7 +313,7 @@ def test_queries_parse_in_prometheus(tmp_path: Path) -> None:
     """promtool parses every query (variables filled in) as a recording rule: a typo fails here."""
     promtool = shutil.which("promtool")
     assert promtool, "promtool is not installed; scripts/setup.sh installs the prometheus package"
-    fill = {"datasource": "x", "host": "h", "gpu": "0", "training_job": "j", "rank": "0"}
+    fill = {"datasource": "x", "host": "h", "gpu": "0", "training_job": "j", "rank": "0", "model": "m"}
     builtins = builtin_values("1m", 3600, "30s")
     rules = []
     for i, (_, q) in enumerate(QUERIES):
@@ -312,7 +330,7 @@ def test_queries_parse_in_prometheus(tmp_path: Path) -> None:
         raise AssertionError(f"promtool rejects dashboard queries:\n{proc.stdout}{proc.stderr}\n" + "\n".join(bad))
 
 
-def test_links_between_the_three_dashboards() -> None:
+def test_links_between_the_dashboards() -> None:
     for fname, dash in DASHBOARDS_JSON.items():
         linked = {re.sub(r"^/d/([\w-]+).*", r"\1", link["url"]) for link in dash["links"]}
         assert linked == UIDS - {dash["uid"]}, f"{fname}: links {linked}"
