@@ -60,15 +60,16 @@ def with_overrides(args: Sequence[str], overrides: Sequence[str]) -> list[str]:
 
 
 def agent_config(shard: int, shards: int, targets_file: Path, remote_write: str, own: str,
-                 fast: bool = True) -> str:
-    """deploy/fleet/agent.yml for one shard; the fast profile scrapes and flushes every second."""
+                 fast: bool = True, scrape_interval: str = FAST_SCRAPE) -> str:
+    """deploy/fleet/agent.yml for one shard; the fast profile scrapes every ``scrape_interval`` and
+    flushes every second."""
     text = (FLEET_DIR / "agent.yml").read_text()
     for key, value in {"SHARDS": str(shards), "SHARD": str(shard), "TARGETS_FILE": str(targets_file),
                        "REMOTE_WRITE": remote_write, "AGENT_ADDRESS": own}.items():
         text = text.replace(f"__{key}__", value)
     config = yaml.safe_load(text)
     if fast:
-        config["global"].update(scrape_interval=FAST_SCRAPE, scrape_timeout=FAST_SCRAPE)
+        config["global"].update(scrape_interval=scrape_interval, scrape_timeout=scrape_interval)
         for rw in config["remote_write"]:
             rw["queue_config"]["batch_send_deadline"] = "1s"
     return yaml.safe_dump(config, sort_keys=False)
@@ -195,12 +196,13 @@ def cluster_size(am_url: str) -> int:
 
 
 def start_agent(log_dir: Path, shard: int, shards: int, targets_file: Path, vm_url: str,
-                fast: bool = True) -> tuple[ManagedProcess, str]:
+                fast: bool = True, scrape_interval: str = FAST_SCRAPE) -> tuple[ManagedProcess, str]:
     port = free_port()
     data = log_dir / f"agent{shard}-data"
     data.mkdir(exist_ok=True)
     cfg = log_dir / f"agent{shard}.yml"
-    cfg.write_text(agent_config(shard, shards, targets_file, vm_url + "/api/v1/write", f"127.0.0.1:{port}", fast))
+    cfg.write_text(agent_config(shard, shards, targets_file, vm_url + "/api/v1/write", f"127.0.0.1:{port}", fast,
+                                scrape_interval))
     proc = ManagedProcess(f"agent{shard}", [
         require_binary("prometheus"), "--enable-feature=agent", f"--config.file={cfg}",
         f"--storage.agent.path={data}", f"--web.listen-address=127.0.0.1:{port}",
@@ -230,7 +232,7 @@ def start_vmalert(log_dir: Path, vm_url: str, alertmanagers: Sequence[str], fast
 
 @contextlib.contextmanager
 def fleet_stack(log_dir: Path, targets: Sequence[str], shards: int = 2, fast: bool = True,
-                wait_watchdog: bool = True) -> Iterator[FleetStack]:
+                wait_watchdog: bool = True, scrape_interval: str = FAST_SCRAPE) -> Iterator[FleetStack]:
     """Start the whole fleet chain for the exporters at ``targets`` (``host:port``); stop it on exit.
 
     Returns once the always-firing GpuWatchdog reached the webhook through every hop (unless
@@ -246,7 +248,7 @@ def fleet_stack(log_dir: Path, targets: Sequence[str], shards: int = 2, fast: bo
         write_targets(targets_file, targets)
         agents = []
         for shard in range(shards):
-            agent = start_agent(log_dir, shard, shards, targets_file, vm_url, fast)
+            agent = start_agent(log_dir, shard, shards, targets_file, vm_url, fast, scrape_interval)
             started.append(agent[0])
             agents.append(agent)
         vmalert, vmalert_url = start_vmalert(log_dir, vm_url, [m.url for m in members], fast)
