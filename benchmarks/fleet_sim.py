@@ -22,6 +22,7 @@ import argparse
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import json
 import logging
 import random
@@ -159,7 +160,7 @@ class Fleet:
                 except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, ConnectionError, asyncio.CancelledError):
                     return
                 request_line, *header_lines = head.decode("latin-1").split("\r\n")
-                method, path, _ = (request_line.split(" ") + ["", ""])[:3]
+                method, path, _ = [*request_line.split(" "), "", ""][:3]
                 headers = {k.strip().lower(): v.strip() for k, _, v in (h.partition(":") for h in header_lines if h)}
                 body = b""
                 length = int(headers.get("content-length") or 0)
@@ -193,9 +194,7 @@ class Fleet:
 async def serve(fleet: Fleet, targets_file: Path | None, host: str) -> None:
     servers = []
     for node in fleet.nodes:
-        def handler(r: asyncio.StreamReader, w: asyncio.StreamWriter, node: SimulatedNode = node) -> object:
-            return fleet.handle(node, r, w)
-
+        handler = functools.partial(fleet.handle, node)
         servers.append(await asyncio.start_server(handler, host, 0, limit=MAX_REQUEST_HEAD))
     addresses = [f"{host}:{s.sockets[0].getsockname()[1]}" for s in servers]
     if targets_file is not None:

@@ -30,7 +30,8 @@ ALERTS_DIR = REPO_ROOT / "alerts"
 # nothing else. Flags given twice: the last one wins (Go's flag package, kingpin for Alertmanager).
 FAST_SCRAPE = "1s"
 FAST_VM_ARGS = ("-search.latencyOffset=1s", "-search.disableCache")
-FAST_VMALERT_ARGS = ("-evaluationInterval=1s", "-remoteWrite.flushInterval=1s")
+FAST_EVAL = "1s"
+FAST_VMALERT_ARGS = ("-remoteWrite.flushInterval=1s",)
 # Member 1 waits this long for member 0's notification to be gossiped before sending its own.
 FAST_PEER_TIMEOUT = "3s"
 FAST_AM_ARGS = (f"--cluster.peer-timeout={FAST_PEER_TIMEOUT}", "--cluster.gossip-interval=100ms",
@@ -213,10 +214,10 @@ def start_agent(log_dir: Path, shard: int, shards: int, targets_file: Path, vm_u
 
 
 def start_vmalert(log_dir: Path, vm_url: str, alertmanagers: Sequence[str], fast: bool = True,
-                  rules_dir: Path | None = None) -> tuple[ManagedProcess, str]:
+                  eval_interval: str = FAST_EVAL) -> tuple[ManagedProcess, str]:
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    alerts = rules_dir or (ALERTS_DIR / "fast" if fast else ALERTS_DIR)
+    alerts = ALERTS_DIR / "fast" if fast else ALERTS_DIR
     args = read_args("vmalert.args", {
         "LISTEN": f"127.0.0.1:{port}", "VM_URL": vm_url, "ALERTS_DIR": str(alerts), "EXTERNAL_URL": url,
         "ALERTMANAGER_1": alertmanagers[0], "ALERTMANAGER_2": alertmanagers[-1],
@@ -224,15 +225,16 @@ def start_vmalert(log_dir: Path, vm_url: str, alertmanagers: Sequence[str], fast
     # The fleet roll-ups have one profile and live next to the production rules.
     args = [a.replace(f"{alerts}/fleet.rules.yml", str(ALERTS_DIR / "fleet.rules.yml")) for a in args]
     args += [f"-notifier.url={u}" for u in alertmanagers[1:-1]]
-    proc = ManagedProcess("vmalert", [require_binary("vmalert"), *with_overrides(args, FAST_VMALERT_ARGS if fast else ())],
-                          log_dir)
+    overrides = (f"-evaluationInterval={eval_interval}", *FAST_VMALERT_ARGS) if fast else ()
+    proc = ManagedProcess("vmalert", [require_binary("vmalert"), *with_overrides(args, overrides)], log_dir)
     _ready(proc, url + "/health", "vmalert")
     return proc, url
 
 
 @contextlib.contextmanager
 def fleet_stack(log_dir: Path, targets: Sequence[str], shards: int = 2, fast: bool = True,
-                wait_watchdog: bool = True, scrape_interval: str = FAST_SCRAPE) -> Iterator[FleetStack]:
+                wait_watchdog: bool = True, scrape_interval: str = FAST_SCRAPE,
+                eval_interval: str = FAST_EVAL) -> Iterator[FleetStack]:
     """Start the whole fleet chain for the exporters at ``targets`` (``host:port``); stop it on exit.
 
     Returns once the always-firing GpuWatchdog reached the webhook through every hop (unless
@@ -251,7 +253,7 @@ def fleet_stack(log_dir: Path, targets: Sequence[str], shards: int = 2, fast: bo
             agent = start_agent(log_dir, shard, shards, targets_file, vm_url, fast, scrape_interval)
             started.append(agent[0])
             agents.append(agent)
-        vmalert, vmalert_url = start_vmalert(log_dir, vm_url, [m.url for m in members], fast)
+        vmalert, vmalert_url = start_vmalert(log_dir, vm_url, [m.url for m in members], fast, eval_interval)
         started.append(vmalert)
         stack = FleetStack(log_dir, targets_file, vm_url, vmalert_url, agents, members, webhook, started)
         try:
