@@ -26,13 +26,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO_ROOT / "tests"))
-
-from alert_stack import labels_match  # noqa: E402
-from fleet_stack import FleetStack, fleet_stack  # noqa: E402
-
-from benchmarks.harness import Child, parse_metrics, post_event, rss_bytes  # noqa: E402
+from harness.alert_stack import labels_match
+from harness.fleet_stack import FleetStack, fleet_stack
+from harness.process import REPO_ROOT, Child, parse_metrics, post_event, rss_bytes
 
 GPUS_PER_NODE = 8
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
@@ -45,7 +41,7 @@ def cpu_seconds(pid: int) -> float:
 
 
 def scrape(url: str) -> dict[str, list[tuple[dict[str, str], float]]]:
-    from support import http_get
+    from harness.support import http_get
 
     status, body = http_get(url + "/metrics", timeout=10)
     if status != 200:

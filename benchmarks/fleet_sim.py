@@ -36,7 +36,7 @@ from exporter.collectors.exporter_health import ExporterHealthCollector
 from exporter.collectors.gpu import GpuCollector
 from exporter.collectors.training import TrainingCollector
 from exporter.exposition import CONTENT_TYPES, TEXT, Exposition, Source
-from exporter.ingest import IngestStore
+from exporter.ingest.store import IngestStore
 from exporter.poller import Poller
 from exporter.snapshot import GpuSample, NodeSnapshot, XidCount
 
@@ -78,7 +78,7 @@ class SimulatedNode:
         ]
         self._template = dataclasses.replace(template, host=host, gpus=())
         self.poller = Poller(self, interval_seconds=1.0, clock=clock)
-        store = IngestStore(60.0, 64)
+        store = IngestStore()
         self.exposition = Exposition([
             Source("gpu", GpuCollector(lambda: self.poller.latest), generation=lambda: self.poller.generation),
             Source("training", TrainingCollector(store, host), generation=lambda: store.generation),

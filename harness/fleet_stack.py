@@ -20,8 +20,9 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from alert_stack import WebhookReceiver, alertmanager_config, labels_match
-from support import REPO_ROOT, ManagedProcess, free_port, http_get, require_binary, wait_until
+
+from harness.alert_stack import WebhookReceiver, alertmanager_config, labels_match
+from harness.support import REPO_ROOT, ManagedProcess, free_port, http_get, require_binary, wait_until
 
 FLEET_DIR = REPO_ROOT / "deploy" / "fleet"
 ALERTS_DIR = REPO_ROOT / "alerts"

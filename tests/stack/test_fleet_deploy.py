@@ -1,5 +1,5 @@
 """deploy/fleet/: the Kubernetes equivalents of the fleet reference setup validate offline, and say the
-same as the files the live fleet test runs (tests/test_fleet.py): the same flags, rule files, shard
+same as the files the live fleet test runs (tests/stack/test_fleet.py): the same flags, rule files, shard
 relabelling and Alertmanager cluster size.
 
 Core kinds are checked with kubernetes-validate (bundled OpenAPI schemas, strict: a misspelt field
@@ -15,8 +15,9 @@ from typing import Any
 import jsonschema
 import pytest
 import yaml
-from fleet_stack import FLEET_DIR, agent_config, read_args, shard_of
-from support import REPO_ROOT
+
+from harness.fleet_stack import FLEET_DIR, agent_config, read_args, shard_of
+from harness.support import REPO_ROOT
 
 K8S = FLEET_DIR / "kubernetes"
 K8S_VERSION = "1.30"
@@ -212,5 +213,5 @@ def test_reference_agent_config_shards_by_hashmod() -> None:
                            "action": "hashmod"}
         assert keep == {"source_labels": ["__tmp_shard"], "regex": str(shard), "action": "keep"}
         assert job["honor_labels"] is True and "external_labels" not in config["global"]
-    # The test helper agrees with Prometheus on a known address (checked live in tests/test_fleet.py).
+    # The test helper agrees with Prometheus on a known address (checked live in tests/stack/test_fleet.py).
     assert {shard_of(f"10.0.0.{i}:9835", 3) for i in range(30)} == {0, 1, 2}

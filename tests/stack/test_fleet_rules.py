@@ -6,15 +6,13 @@ which evaluates every shipped rule file in deploy/fleet/, accepts them all (Metr
 from __future__ import annotations
 
 import subprocess
-import sys
 from pathlib import Path
 
 import yaml
-from alert_stack import ALERTS_DIR
-from support import require_binary
 
-sys.path.insert(0, str(ALERTS_DIR))
-import build  # alerts/build.py, the rule generator
+import alerts.build as build  # the rule generator
+from harness.alert_stack import ALERTS_DIR
+from harness.support import require_binary
 
 FLEET_RULES = ALERTS_DIR / "fleet.rules.yml"
 FLEET_TESTS = ALERTS_DIR / "tests" / "fleet"

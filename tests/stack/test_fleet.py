@@ -18,12 +18,19 @@ import time
 from collections.abc import Iterator
 
 import pytest
-from alert_stack import Notification, labels_match
-from fleet_stack import FAST_PEER_TIMEOUT, FleetStack, fleet_stack, shard_of, wait_query
-from support import WORKLOAD_ENV, ManagedProcess, free_port, http_post_json, start_exporter, wait_until
 
 from dashboards.live import Window, empty_queries, label_values
 from dashboards.queries import load_dashboards
+from harness.alert_stack import Notification, labels_match
+from harness.fleet_stack import FAST_PEER_TIMEOUT, FleetStack, fleet_stack, shard_of, wait_query
+from harness.support import (
+    WORKLOAD_ENV,
+    ManagedProcess,
+    free_port,
+    http_post_json,
+    start_exporter,
+    wait_until,
+)
 
 pytestmark = pytest.mark.slow
 
