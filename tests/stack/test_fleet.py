@@ -159,9 +159,9 @@ def _rank(stack: FleetStack, rank: int, exporter_url: str, port: int, *faults: s
 def test_a_job_across_two_nodes_is_one_job(fleet: tuple[FleetStack, dict[str, str]]) -> None:
     stack, urls = fleet
     port = free_port()
-    # Rank 1 (node-b) is the straggler: 8x slower input pipeline; later it stalls for 15 s.
+    # Rank 1 (node-b) is the straggler: 8x slower input pipeline; later it stalls for 30 s.
     ranks = [_rank(stack, 0, urls["node-a"], port),
-             _rank(stack, 1, urls["node-b"], port, "slow-rank@1:8", "stall@120:15")]
+             _rank(stack, 1, urls["node-b"], port, "slow-rank@1:8", "stall@60:30")]
     try:
         job = f'{{training_job="{JOB}"}}'
         hosts = wait_query(stack, f"training_job:training_hosts:count{job}", timeout=90,
