@@ -51,11 +51,21 @@ def _new_or_increase(metric: str, sel: str) -> str:
     return f"(({m} unless {m} offset $__rate_interval) or increase({m}[$__rate_interval]))"
 
 
-def _idle_allocated(sel: str) -> str:
-    """GPUs with process memory but (almost) no SM activity: paid for, doing nothing."""
+# Who holds a GPU: the labels the idle-but-allocated list shows (alerts/rules.in.yml names the same).
+HOLDER_LABELS = ("pid", "training_job", "rank", "k8s_namespace", "k8s_pod", "k8s_container", "k8s_pod_uid",
+                 "container_name", "slurm_job", "systemd_unit")
+ALLOCATION_HOLDER_LABELS = ("k8s_namespace", "k8s_pod", "k8s_container", "slurm_job")
+
+
+def _idle_holders(sel: str) -> str:
+    """One row per holder of a GPU with (almost) no SM activity: each compute process (value: memory
+    held) or, on a GPU allocated with no process, each allocation (value 0)."""
+    procs = (f"max by (host, gpu, {', '.join(HOLDER_LABELS)}) "
+             f'(gpu_process_memory_used_bytes{{{sel}, process_type="compute"}})')
+    allocs = f"0 * max by (host, gpu, {', '.join(ALLOCATION_HOLDER_LABELS)}) (gpu_allocation_info{{{sel}}})"
     return (
-        f"(max by (host, gpu) (gpu_utilization_ratio{{{sel}}}) < {IDLE_UTILIZATION})"
-        f' and on (host, gpu) (count by (host, gpu) (gpu_process_memory_used_bytes{{{sel}, process_type="compute"}}) > 0)'
+        f"({procs} or on (host, gpu) {allocs})"
+        f" and on (host, gpu) (max by (host, gpu) (gpu_utilization_ratio{{{sel}}}) < {IDLE_UTILIZATION})"
     )
 
 
@@ -73,9 +83,9 @@ def fleet() -> Json:
         stat("Firing alerts", [target('count(ALERTS{alertstate="firing", host=~"$host|"})', "firing")],
              unit="none", thr=thresholds((2, "orange")),
              description="Alerts firing now (the always-firing Watchdog counts as one)."),
-        stat("Idle but allocated GPUs", [target(f"count({_idle_allocated(s)})", "idle")], unit="none",
-             thr=thresholds((1, "orange")),
-             description=f"GPUs holding process memory with utilization below {IDLE_UTILIZATION:.0%}."),
+        stat("Idle but allocated GPUs", [target(f"count(count by (host, gpu) ({_idle_holders(s)}))", "idle")],
+             unit="none", thr=thresholds((1, "orange")),
+             description=f"GPUs held by a compute process or an allocation with utilization below {IDLE_UTILIZATION:.0%}."),
         stat("Average utilization", [target(f"avg(gpu_utilization_ratio{{{s}}})", "avg")],
              unit="percentunit", minimum=0, maximum=1, thr=thresholds((0.3, "green"), base="orange")),
         stat("Energy used (time range)", [
@@ -117,9 +127,11 @@ def fleet() -> Json:
         row("Lists"),
         table("Firing alerts", [target('ALERTS{alertstate="firing", host=~"$host|"}', table=True)],
               unit="none", thr=NO_THRESHOLDS, hide=("Time", "Value", "__name__", "alertstate"), w=12),
-        table("Idle but allocated GPUs", [target(_idle_allocated(s), table=True)], unit="percentunit",
-              thr=thresholds((IDLE_UTILIZATION, "green"), base="orange"), links=[ROW_GPU_LINK], w=12,
-              description="Value: utilization. Click a row for the GPU detail dashboard."),
+        table("Idle but allocated GPUs: holders", [target(_idle_holders(s), table=True)], unit="bytes",
+              thr=NO_THRESHOLDS, hide=("Time",), links=[ROW_GPU_LINK], w=12,
+              description="One row per holder of an idle GPU: process (pid, training job/rank, pod, container, "
+                          "Slurm job, unit) or allocation with no process. Value: GPU memory held. Click a row "
+                          "for the GPU detail dashboard."),
         table("GPU inventory", [target(f"gpu_info{{{s}}}", table=True)], unit="none", thr=NO_THRESHOLDS,
               hide=("Time", "Value", "__name__"), links=[ROW_GPU_LINK],
               description="Every GPU with its model, driver and PCI address. Click a row for details."),

@@ -81,23 +81,40 @@ def _gpu_feature(settings: Settings, reader: Any, poller: Any) -> Feature:
     )
 
 
-def _container_feature(settings: Settings, poller: Any, procfs: Any) -> Feature | None:
-    """PID → cgroup → container (Docker engine optional) and the gpu_exporter_docker_* self-metrics."""
+def _container_feature(settings: Settings, poller: Any, procfs: Any) -> tuple[Feature | None, Any]:
+    """Container names from the Docker engine (optional) and the gpu_exporter_docker_* self-metrics.
+    Returns the feature and the attributor the attribution engine asks (None: ``--docker off``)."""
     from exporter.attribution.containers import build_attributor
 
     attributor = build_attributor(settings.docker, settings.docker_host, procfs)
     if attributor is None:
-        return None
+        return None, None
     from exporter.collectors.docker import DockerCollector
     from exporter.exposition import Source
 
+    source = Source(
+        "docker", DockerCollector(attributor.stats, settings.host_label), generation=lambda: poller.generation
+    )
+    return Feature("docker", source=source), attributor  # the engine closes it
+
+
+def _attribution_feature(settings: Settings, poller: Any, procfs: Any, attributor: Any) -> Feature:
+    """One engine: PID → cgroup → container / pod UID / Slurm job / unit, with Docker's and the kubelet's
+    names; GPU allocations → gpu_allocation_info; gpu_exporter_attribution_*{source}."""
+    from exporter.attribution.engine import AttributionEngine
+    from exporter.attribution.kubelet import build_kubelet_source
+    from exporter.collectors.attribution import AttributionCollector
+    from exporter.exposition import Source
+
+    kubelet = build_kubelet_source(settings.kubelet, settings.kubelet_socket)
+    engine = AttributionEngine(procfs, attributor, kubelet)
+    collector = AttributionCollector(lambda: poller.latest, engine.stats, settings.host_label)
     return Feature(
-        "docker",
-        enricher=attributor,
-        source=Source(
-            "docker", DockerCollector(attributor.stats, settings.host_label), generation=lambda: poller.generation
-        ),
-        closer=attributor.close,
+        "attribution",
+        enricher=engine,
+        source=Source("attribution", collector, generation=lambda: poller.generation),
+        closer=engine.close,
+        status=lambda: {source: stats.up for source, stats in engine.stats().items()},
     )
 
 
@@ -155,10 +172,12 @@ def build(settings: Settings) -> Runtime:
     procfs = ProcFS(settings.proc_root)  # every /proc read of every feature goes through this root
     training, store = _training_feature(settings, procfs)
     # -- The feature list: enrichers run, sources render and closers are registered in this order.
+    docker, attributor = _container_feature(settings, poller, procfs)
+    # The attribution engine runs before the training join: the join adds the hook's Slurm job to the
+    # owner the engine found.
+    attribution = _attribution_feature(settings, poller, procfs, attributor)
     features = [
-        f
-        for f in (_gpu_feature(settings, reader, poller), _container_feature(settings, poller, procfs), training)
-        if f is not None
+        f for f in (_gpu_feature(settings, reader, poller), docker, attribution, training) if f is not None
     ]
     poller.enrichers.extend(f.enricher for f in features if f.enricher is not None)
     # Read at request time, so the access-control section added below shows too.

@@ -180,6 +180,19 @@ class Settings:
     proc_root: str = setting(
         "/proc", "where the host's /proc is visible (e.g. /host/proc when mounted there)", parse_str, "PATH"
     )
+    kubelet: str = setting(
+        "auto",
+        "Kubernetes pod/namespace/container of each allocated GPU from the kubelet's PodResources API: "
+        "auto (when the socket's directory exists), on, off",
+        parse_docker_mode,
+        "auto|on|off",
+    )
+    kubelet_socket: str = setting(
+        "/var/lib/kubelet/pod-resources/kubelet.sock",
+        "the kubelet's PodResources socket (non-default kubelet root dirs: <root>/pod-resources/kubelet.sock)",
+        parse_str,
+        "PATH",
+    )
     training_ttl: float = setting(
         300.0,
         "seconds a training process that stopped pushing keeps its last values on /metrics",

@@ -36,6 +36,37 @@ class GpuProcess:
     # Filled by the training PID join (exporter.attribution.training): which job and rank own this PID.
     training_job: str | None = None
     rank: str | None = None
+    # Filled by exporter.attribution.engine from the cgroup (+ kubelet names; + the hook for Slurm).
+    owner: ProcessOwner | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ProcessOwner:
+    """Who runs a process beyond its container: Kubernetes pod, Slurm job, or a plain systemd unit."""
+
+    k8s_pod_uid: str = ""
+    k8s_namespace: str = ""
+    k8s_pod: str = ""
+    k8s_container: str = ""
+    slurm_job: str = ""
+    slurm_step: str = ""
+    systemd_unit: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class GpuAllocation:
+    """One holder of one GPU as the workload manager allocated it (kubelet device plugin or DRA).
+
+    ``device_id`` is what the manager calls the device: the GPU's UUID, a MIG device's UUID, a
+    time-slicing replica (``GPU-...::2``) or a DRA device name.
+    """
+
+    uuid: str
+    device_id: str
+    resource: str  # e.g. nvidia.com/gpu, or the DRA driver name
+    k8s_namespace: str = ""
+    k8s_pod: str = ""
+    k8s_container: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -136,3 +167,5 @@ class NodeSnapshot:
     cuda_driver_version: str | None = None  # e.g. "12.4"
     nvml_version: str | None = None
     gpus: tuple[GpuSample, ...] = ()
+    # Holders of GPUs by allocation (exporter.attribution.engine), also of GPUs with no process on them.
+    allocations: tuple[GpuAllocation, ...] = ()

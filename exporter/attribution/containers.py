@@ -1,8 +1,9 @@
-"""PID → container attribution: which container holds a GPU process.
+"""Container names for the attribution engine: which container holds a GPU process.
 
 NVML reports host PIDs. The kernel knows each process's control group, and every container runtime
-names its cgroup after the container id, so ``/proc/<pid>/cgroup`` gives the id without asking anyone.
-The Docker engine then turns the id into a name, an image and the few labels people filter on
+names its cgroup after the container id, so ``/proc/<pid>/cgroup`` gives the id without asking anyone
+(exporter.attribution.cgroups, read once per PID by exporter.attribution.engine). The Docker engine
+then turns the id into a name, an image and the few labels people filter on
 (compose project/service, Kubernetes pod/namespace/container). Engine answers are cached with a TTL so
 a poll costs one small file read per process and, in the steady state, no API call at all.
 
@@ -15,10 +16,8 @@ imported only when attribution is enabled, so installs without the ``docker`` ex
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
-import re
 import threading
 import time
 from collections import OrderedDict
@@ -26,6 +25,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from exporter.attribution.cgroups import container_id_from_cgroup as container_id_from_cgroup  # re-export
 from exporter.attribution.docker import (
     DockerEngine,
     DockerUnavailable,
@@ -34,51 +34,9 @@ from exporter.attribution.docker import (
 )
 from exporter.attribution.procfs import ProcFS
 from exporter.config import Settings
-from exporter.snapshot import ContainerInfo, GpuProcess, GpuSample, NodeSnapshot
+from exporter.snapshot import ContainerInfo, NodeSnapshot
 
 log = logging.getLogger(__name__)
-
-# One path component that names a container: a 64-hex id, optionally behind a runtime prefix
-# (docker-, cri-containerd-, crio-, libpod-, "...:cri-containerd:") and before a systemd ".scope".
-_ID_COMPONENT = re.compile(r"(?:^|[-:])([0-9a-f]{64})(?:\.scope)?$")
-# Helper processes that live in cgroups named after a container but are not the container.
-_NOT_A_CONTAINER = ("conmon",)
-
-
-def container_id_from_cgroup(text: str) -> str | None:
-    """The container id in the contents of a ``/proc/<pid>/cgroup`` file, or None (a host process).
-
-    Handles cgroup v2 (``0::/path``), v1 (``N:controller:/path``) and hybrid files, and the layouts of
-    Docker (cgroupfs ``/docker/<id>`` and systemd ``docker-<id>.scope``), containerd / CRI
-    (``cri-containerd-<id>.scope``, ``/kubepods/.../pod<uid>/<id>``, ``...:cri-containerd:<id>``),
-    CRI-O (``crio-<id>.scope``) and Podman (``libpod-<id>.scope``, ``/libpod_parent/libpod-<id>``).
-    Paths seen from a private cgroup namespace (``/../docker-<id>.scope``) work too. The unified (v2)
-    line is consulted first because on hybrid hosts it is the one systemd keeps accurate.
-    """
-    unified: list[str] = []
-    legacy: list[str] = []
-    for line in text.splitlines():
-        parts = line.strip().split(":", 2)
-        if len(parts) != 3:
-            continue
-        hierarchy, controllers, path = parts
-        (unified if hierarchy == "0" and controllers == "" else legacy).append(path)
-    for path in (*unified, *legacy):
-        found = _id_from_path(path)
-        if found is not None:
-            return found
-    return None
-
-
-def _id_from_path(path: str) -> str | None:
-    # Deepest component first: a container running systemd has ".../docker-<id>.scope/init.scope".
-    for component in reversed(path.split("/")):
-        if any(marker in component for marker in _NOT_A_CONTAINER):
-            continue
-        match = _ID_COMPONENT.search(component)
-        if match is not None:
-            return match.group(1)
-    return None
 
 
 @dataclass(frozen=True, slots=True)
@@ -125,48 +83,17 @@ class ContainerAttributor:
         self._down_until = 0.0
         self._last_contact = 0.0
         self._errors: dict[str, int] = {}
-        self._warned_proc = False
+        self._engine: Any = None  # the AttributionEngine __call__ goes through
 
-    # -- the enricher -------------------------------------------------------------------------------
+    # -- as an enricher on its own (tests, Docker-only use) --------------------------------------------
 
     def __call__(self, snapshot: NodeSnapshot) -> NodeSnapshot:
-        self._check_engine()
-        if not any(gpu.processes for gpu in snapshot.gpus):
-            return snapshot
-        resolved: dict[int, ContainerInfo | None] = {}
-        gpus: list[GpuSample] = []
-        for gpu in snapshot.gpus:
-            procs: list[GpuProcess] = []
-            for proc in gpu.processes:
-                if proc.pid not in resolved:
-                    resolved[proc.pid] = self.container_for_pid(proc.pid)
-                info = resolved[proc.pid]
-                procs.append(proc if info == proc.container else dataclasses.replace(proc, container=info))
-            gpus.append(dataclasses.replace(gpu, processes=tuple(procs)))
-        return dataclasses.replace(snapshot, gpus=tuple(gpus))
+        """Container labels for every GPU process, through the one attribution engine (PID -> cgroup)."""
+        from exporter.attribution.engine import AttributionEngine
 
-    def container_for_pid(self, pid: int) -> ContainerInfo | None:
-        """The container of a host PID; id-only when the engine cannot be asked; None for host processes."""
-        container_id = self.container_id_for_pid(pid)
-        if container_id is None:
-            return None
-        return self.lookup(container_id)
-
-    def container_id_for_pid(self, pid: int) -> str | None:
-        try:
-            text = self.procfs.cgroup(pid)
-        except FileNotFoundError:
-            return None  # the process exited between NVML's answer and now, or another PID namespace
-        except OSError as exc:
-            if not self._warned_proc:
-                self._warned_proc = True
-                log.warning(
-                    "cannot read %s/%d/cgroup (%s): GPU processes get no container labels; the exporter "
-                    "needs the host PID namespace (or host /proc mounted and --proc-root)",
-                    self.procfs.root, pid, exc,
-                )
-            return None
-        return container_id_from_cgroup(text)
+        if self._engine is None:
+            self._engine = AttributionEngine(self.procfs, docker=self)
+        return self._engine(snapshot)
 
     # -- the engine, behind the cache ---------------------------------------------------------------
 
@@ -197,7 +124,7 @@ class ContainerAttributor:
                 self._cache.popitem(last=False)
         return info or ContainerInfo(id=container_id, name="", image="")
 
-    def _check_engine(self) -> None:
+    def check_engine(self) -> None:
         """Ping the engine when its state is unknown, down (after retry_seconds) or not heard from for
         ``health_seconds``: docker_up must tell the truth even when every lookup is a cache hit."""
         if self.engine is None:

@@ -1,5 +1,6 @@
-"""The training PID join: label NVML's GPU processes with the job and rank of the training process
-that reported that PID through the hook (exporter.ingest), across PID namespaces.
+"""The training PID join: label NVML's GPU processes with the job and rank (and, under Slurm, the
+``SLURM_JOB_ID``) of the training process that reported that PID through the hook (exporter.ingest),
+across PID namespaces.
 
 A hook in a container reports the PID it sees and the inode of its PID namespace; NVML reports the
 exporter's (host) view. A report from the exporter's own namespace matches by PID; any other is
@@ -15,7 +16,7 @@ from collections.abc import Callable, Iterable
 from typing import Protocol
 
 from exporter.attribution.procfs import ProcFS
-from exporter.snapshot import GpuProcess, GpuSample, NodeSnapshot
+from exporter.snapshot import GpuProcess, GpuSample, NodeSnapshot, ProcessOwner
 
 NAMESPACE_CACHE_SECONDS = 30.0
 NAMESPACE_CACHE_ENTRIES = 4096
@@ -77,6 +78,11 @@ class TrainingJoin:
                     match = other_ns.get(ns_pid) if ns_pid is not None else None
                 if match is not None:
                     proc = dataclasses.replace(proc, training_job=match.training_job, rank=match.rank)
+                    slurm_job = getattr(match, "slurm_job", "")  # TrainingReport has it; under Slurm only
+                    if slurm_job and not (proc.owner and proc.owner.slurm_job):
+                        # The cgroup did not say (no Slurm cgroup plugin, or unreadable): the hook does.
+                        owner = dataclasses.replace(proc.owner or ProcessOwner(), slurm_job=slurm_job)
+                        proc = dataclasses.replace(proc, owner=owner)
                     gpu_changed = changed = True
                 procs.append(proc)
             gpus.append(dataclasses.replace(gpu, processes=tuple(procs)) if gpu_changed else gpu)

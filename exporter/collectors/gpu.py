@@ -18,16 +18,21 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
-from exporter.snapshot import GpuProcess, GpuSample, NodeSnapshot
+from exporter.snapshot import GpuProcess, GpuSample, NodeSnapshot, ProcessOwner
 
 GPU_LABELS = ["host", "gpu", "uuid"]
 PROCESS_LABELS = [
     *GPU_LABELS, "pid", "process_type", "container_id", "container_name", "container_image",
     "compose_service", "k8s_namespace", "k8s_pod", "training_job", "rank",
+    # exporter.attribution: the cgroup's pod UID / Slurm job / systemd unit, the kubelet's names.
+    "k8s_container", "k8s_pod_uid", "slurm_job", "slurm_step", "systemd_unit",
 ]
+# The holder labels of a container's GPU memory series (a subset of the process labels).
+CONTAINER_LABELS = [*GPU_LABELS, "container_id", "container_name", "k8s_namespace", "k8s_pod", "k8s_container"]
 _COMPOSE_SERVICE = "com.docker.compose.service"
 _K8S_NAMESPACE = "io.kubernetes.pod.namespace"
 _K8S_POD = "io.kubernetes.pod.name"
+_NO_OWNER = ProcessOwner()
 
 # Plain per-GPU gauges: (snapshot field, metric name, help).
 _GAUGES = (
@@ -182,11 +187,13 @@ def _labelled(
 def _process_labels(gpu_ids: list[str], p: GpuProcess) -> list[str]:
     c = p.container
     labels = c.labels if c is not None else {}
+    o = p.owner or _NO_OWNER
     return [
         *gpu_ids, str(p.pid), p.process_type,
         c.id if c else "", c.name if c else "", c.image if c else "",
-        labels.get(_COMPOSE_SERVICE, ""), labels.get(_K8S_NAMESPACE, ""), labels.get(_K8S_POD, ""),
-        p.training_job or "", p.rank or "",
+        labels.get(_COMPOSE_SERVICE, ""), o.k8s_namespace or labels.get(_K8S_NAMESPACE, ""),
+        o.k8s_pod or labels.get(_K8S_POD, ""), p.training_job or "", p.rank or "",
+        o.k8s_container, o.k8s_pod_uid, o.slurm_job, o.slurm_step, o.systemd_unit,
     ]
 
 
@@ -196,20 +203,22 @@ def _processes(gpus: tuple[GpuSample, ...], ids: dict[int, list[str]]) -> Iterat
     sm = GaugeMetricFamily("gpu_process_sm_utilization_ratio", "Per-process SM utilization where NVML "
                            "samples it, 0..1", labels=PROCESS_LABELS)
     per_container = GaugeMetricFamily("gpu_container_memory_used_bytes", "GPU memory held by a container's "
-                                      "processes on this GPU", labels=[*GPU_LABELS, "container_id", "container_name"])
+                                      "processes on this GPU", labels=CONTAINER_LABELS)
+    # Where each container label sits in a process's label values.
+    picks = [PROCESS_LABELS.index(name) for name in CONTAINER_LABELS[len(GPU_LABELS):]]
     for g in gpus:
-        totals: dict[tuple[str, str], int] = {}
+        totals: dict[tuple[str, ...], int] = {}
         for p in g.processes:
             labels = _process_labels(ids[g.index], p)
             if p.used_memory_bytes is not None:
                 memory.add_metric(labels, float(p.used_memory_bytes))
                 if p.container is not None:
-                    key = (p.container.id, p.container.name)
+                    key = tuple(labels[i] for i in picks)
                     totals[key] = totals.get(key, 0) + p.used_memory_bytes
             if p.sm_utilization_ratio is not None:
                 sm.add_metric(labels, p.sm_utilization_ratio)
-        for (cid, cname), total in sorted(totals.items()):
-            per_container.add_metric([*ids[g.index], cid, cname], float(total))
+        for key, total in sorted(totals.items()):
+            per_container.add_metric([*ids[g.index], *key], float(total))
     yield from _nonempty(memory)
     yield from _nonempty(sm)
     yield from _nonempty(per_container)

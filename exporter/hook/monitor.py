@@ -88,7 +88,10 @@ class Monitor:
     ) -> None:
         env = os.environ
         self.job = _label(job)
-        self.rank = _label(rank if rank is not None else env.get("RANK", "0"))
+        # srun without torchrun sets only SLURM_PROCID: it is the rank then.
+        self.rank = _label(rank if rank is not None else env.get("RANK", env.get("SLURM_PROCID", "0")))
+        # Sent only under Slurm, so a push outside Slurm is unchanged (exporter.attribution joins it).
+        self.slurm = {k: _label(env[v]) for k, v in (("slurm_job", "SLURM_JOB_ID"), ("slurm_procid", "SLURM_PROCID")) if v in env}
         self.local_rank = _label(local_rank if local_rank is not None else env.get("LOCAL_RANK", "0"))
         self.world_size = _label(world_size if world_size is not None else env.get("WORLD_SIZE", "1"))
         self.framework = _label(framework)
@@ -379,6 +382,7 @@ class Monitor:
                 "device": self._device_name(),
                 "torch_version": _label(getattr(torch, "__version__", "")) if torch is not None else "",
                 "framework": self.framework,
+                **self.slurm,
             },
             "counters": counters,
             "gauges": {k: v for k, v in gauges.items() if v is not None},

@@ -23,6 +23,9 @@ IDENTITY_STR_KEYS = (
     "device",
     "torch_version",
     "framework",
+    # Only under Slurm (SLURM_JOB_ID / SLURM_PROCID); "" when absent.
+    "slurm_job",
+    "slurm_procid",
 )
 
 @dataclass(frozen=True)

@@ -64,6 +64,8 @@ class TrainingReport:
     auth_failures: dict[tuple[str, str], float] = field(default_factory=dict)
     token_expiry: dict[str, float] = field(default_factory=dict)
     api_quota: dict[str, tuple[float, float | None]] = field(default_factory=dict)
+    slurm_job: str = ""
+    slurm_procid: str = ""
 
     @property
     def process_key(self) -> tuple[str, str, str, int, int | None]:

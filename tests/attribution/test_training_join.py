@@ -7,15 +7,17 @@ import json
 import os
 from pathlib import Path
 
+import pytest
 from starlette.testclient import TestClient
 
 from exporter.attribution.procfs import ProcFS
 from exporter.attribution.training import TrainingJoin
 from exporter.cli import build
 from exporter.config import load_settings
+from exporter.hook.monitor import Monitor
 from exporter.ingest.store import IngestStore
 from exporter.ingest.validate import validate_report
-from exporter.snapshot import GpuProcess, GpuSample, NodeSnapshot
+from exporter.snapshot import GpuProcess, GpuSample, NodeSnapshot, ProcessOwner
 from harness.payloads import payload
 from harness.procfs import fake_proc_root
 from harness.support import parse_metrics
@@ -86,3 +88,29 @@ def test_real_proc_own_process() -> None:
     assert own is not None and own == os.stat("/proc/self/ns/pid").st_ino
     assert procfs.namespace_of(os.getpid()) == (own, os.getpid())
     assert procfs.namespace_of(2**22 + 12345) is None  # no such PID
+
+
+# ------------------------------------------------------------------------------------------ Slurm
+def test_slurm_from_the_hook(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without a Slurm cgroup, the hook's SLURM_JOB_ID names the job; SLURM_PROCID is the rank under srun."""
+    monkeypatch.setenv("SLURM_JOB_ID", "4711")
+    monkeypatch.setenv("SLURM_PROCID", "3")
+    monkeypatch.delenv("RANK", raising=False)
+    doc = Monitor("llm").build_payload()
+    assert doc["identity"]["slurm_job"] == "4711" and doc["identity"]["rank"] == "3"
+    store = IngestStore()
+    store.submit(validate_report(doc))
+    pid = doc["identity"]["pid"]
+    in_cgroup = GpuProcess(pid=pid + 1, process_type="compute", owner=ProcessOwner(slurm_job="99"))
+    snap = NodeSnapshot(host="n", timestamp_seconds=0.0, nvml_up=True, gpus=(
+        GpuSample(0, "GPU-0", processes=(GpuProcess(pid=pid, process_type="compute"), in_cgroup)),))
+    joined, other = _join(store)(snap).gpus[0].processes
+    assert joined.owner is not None and joined.owner.slurm_job == "4711" and joined.rank == "3"
+    assert other.owner == ProcessOwner(slurm_job="99")  # not reported by a hook: the cgroup's answer stays
+
+
+def test_no_slurm_keys_outside_slurm(monkeypatch: pytest.MonkeyPatch) -> None:
+    for key in ("SLURM_JOB_ID", "SLURM_PROCID"):
+        monkeypatch.delenv(key, raising=False)
+    identity = Monitor("llm").build_payload()["identity"]
+    assert "slurm_job" not in identity and "slurm_procid" not in identity

@@ -245,7 +245,12 @@ def test_security_contexts_and_resources() -> None:
     pods = list(pod_specs())
     assert pods
     for where, pod in pods:
-        assert pod["securityContext"]["runAsNonRoot"] is True, where
+        if pod.get("hostPID"):
+            # The node DaemonSet: root (the kubelet's and Docker's sockets are root's), but with every
+            # capability dropped (asserted below), so it cannot override file permissions.
+            assert pod["securityContext"]["runAsUser"] == 0 and pod["securityContext"]["runAsNonRoot"] is False
+        else:
+            assert pod["securityContext"]["runAsNonRoot"] is True, where
         assert pod["securityContext"]["seccompProfile"]["type"] == "RuntimeDefault", where
         for c in pod.get("containers", []) + pod.get("initContainers", []):
             sc = c.get("securityContext", {})
@@ -270,6 +275,13 @@ def test_daemonset_has_what_attribution_needs() -> None:
     assert mounts["/var/run/docker.sock"]["readOnly"] is True
     volumes = {v["name"]: v for v in pod["volumes"]}
     assert volumes[mounts["/var/run/docker.sock"]["name"]]["hostPath"]["path"] == "/var/run/docker.sock"
+    # The kubelet's PodResources socket: its directory, read-only, where GPU_EXPORTER_KUBELET_SOCKET says.
+    env = {e["name"]: e.get("value") for e in c["env"]}
+    socket = env["GPU_EXPORTER_KUBELET_SOCKET"]
+    pod_resources = mounts[str(Path(socket).parent)]
+    assert pod_resources["readOnly"] is True
+    assert volumes[pod_resources["name"]]["hostPath"]["path"] == "/var/lib/kubelet/pod-resources"
+    assert env["GPU_EXPORTER_KUBELET"] in ("auto", "on")
     assert c["livenessProbe"]["httpGet"]["path"] == "/healthz"
     assert c["readinessProbe"]["httpGet"]["path"] == "/readyz"
     assert ds["spec"]["template"]["metadata"]["labels"] == ds["spec"]["selector"]["matchLabels"]
