@@ -3,7 +3,7 @@
 No kubelet can run on these machines, so tests serve the API from the same vendored .proto the
 exporter's client uses (exporter/attribution/kubelet_api). What it answers is set by the test
 (``pods``); ``fail_with`` makes every call fail with a gRPC status, ``stop()`` / ``start()`` remove and
-re-create the socket like a restarting kubelet.
+re-create the socket like a restarting kubelet, ``hang_seconds`` holds every answer back that long.
 """
 
 from __future__ import annotations
@@ -94,16 +94,21 @@ class KubeletStandIn:
         self.socket_path = str(socket_path)
         self.pods: list[Pod] = list(pods or [])
         self.fail_with: grpc.StatusCode | None = None
+        self.hang_seconds = 0.0
+        self._release = threading.Event()
         self.calls = 0
         self._server: Any = None
         self._lock = threading.Lock()
 
     def check(self, context: Any) -> None:
+        if self.hang_seconds:
+            self._release.wait(self.hang_seconds)  # a kubelet that accepts but does not answer
         code = self.fail_with
         if code is not None:
             context.abort(code, f"stand-in told to fail with {code.name}")
 
     def start(self) -> KubeletStandIn:
+        self._release.clear()
         Path(self.socket_path).parent.mkdir(parents=True, exist_ok=True)
         server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
         pb_grpc.add_PodResourcesListerServicer_to_server(_Servicer(self), server)
@@ -113,6 +118,7 @@ class KubeletStandIn:
         return self
 
     def stop(self) -> None:
+        self._release.set()
         server, self._server = self._server, None
         if server is not None:
             server.stop(grace=None).wait()

@@ -13,6 +13,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -197,6 +198,19 @@ def test_failures_never_stop_attribution_and_recover(sock_dir: Path) -> None:
     finally:
         kubelet.stop()
         source.close()
+
+
+def test_a_kubelet_that_hangs_costs_one_deadline(sock_dir: Path) -> None:
+    path = sock_dir / "kubelet.sock"
+    with KubeletStandIn(path, pods()) as kubelet:
+        kubelet.hang_seconds = 30.0
+        source = KubeletSource(PodResourcesClient(str(path), timeout_seconds=0.5))
+        started = time.monotonic()
+        assert source.get(IDX) == []
+        waited = time.monotonic() - started
+        source.close()
+    assert source.stats().up is False and source.stats().errors == {"timeout": 1}
+    assert waited < 10.0  # the deadline, not the kubelet, decides how long a poll waits
 
 
 def test_a_socket_the_exporter_may_not_open(sock_dir: Path) -> None:
