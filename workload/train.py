@@ -333,7 +333,9 @@ def _run_distributed(args: argparse.Namespace, rank: int, world_size: int) -> No
 
 
 def _report(result: Result) -> None:
-    print(json.dumps({"result": result.__dict__}), flush=True)
+    """One write(2) per line: DDP ranks share stdout, and print()'s separate newline write interleaves."""
+    sys.stdout.flush()
+    os.write(sys.stdout.fileno(), (json.dumps({"result": result.__dict__}) + "\n").encode())
 
 
 def _free_port() -> int:
