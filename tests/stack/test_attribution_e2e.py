@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from exporter.simulate import load_scenario
-from harness.cgroups import layouts, placed
+from harness.cgroups import Layout, layouts, placed, v2_root
 from harness.kubelet import Container, KubeletStandIn, Pod
 from harness.support import http_post_json, scrape, start_exporter, wait_until
 
@@ -26,11 +26,18 @@ HOST = "attr-node"
 Samples = list[tuple[dict[str, str], float]]
 
 
+# What each CgroupOwner field is called on /metrics.
+LABEL_OF = {"container_id": "container_id", "pod_uid": "k8s_pod_uid", "slurm_job": "slurm_job",
+            "slurm_step": "slurm_step", "systemd_unit": "systemd_unit"}
+OTHER_GPUS = (1, 2, 3, 4, 6, 7)  # GPU 0: the allocated trainer alone; GPU 5: allocated, no process
+
+
 def test_every_layout_and_the_kubelet_through_metrics(log_dir: Path) -> None:
     uuids = [g["uuid"] for g in load_scenario("healthy-8gpu").gpus]
-    by_name = {layout.name: layout for layout in layouts(1)}
-    containerd, crio = by_name["containerd-systemd"], by_name["crio-systemd"]
-    slurm, unit, docker = by_name["slurm-v1"], by_name["systemd-unit"], by_name["docker-cgroupfs"]
+    cases = [(1, layout) for layout in layouts(1)]
+    if v2_root() is not None:  # the unified hierarchy, where this kernel offers one
+        cases += [(2, layout) for layout in layouts(2)]
+    trainer = next(lay for v, lay in cases if (v, lay.name) == (1, "containerd-systemd"))
     pods = [
         # The trainer pod holds GPU 0 (whole) and the pod "idle-1" holds GPU 5 with no process on it.
         Pod("ml", "bert-0", [Container("train", {"nvidia.com/gpu": [uuids[0]]})]),
@@ -39,46 +46,51 @@ def test_every_layout_and_the_kubelet_through_metrics(log_dir: Path) -> None:
     with contextlib.ExitStack() as stack:
         sock = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="kpr-", dir="/tmp"))) / "kubelet.sock"
         kubelet = stack.enter_context(KubeletStandIn(sock, pods))
-        pids = {name: stack.enter_context(placed(by_name[name], 1)) for name in by_name}
+        placed_on: dict[int, tuple[Layout, int]] = {}  # pid -> (layout, GPU)
+        others = iter(OTHER_GPUS * 3)
+        for version, layout in cases:
+            pid = stack.enter_context(placed(layout, version))
+            placed_on[pid] = (layout, 0 if layout is trainer else next(others))
         exporter, base = start_exporter(
             log_dir, "--simulate", "healthy-8gpu", "--interval", "0.2", "--host-label", HOST,
             "--docker", "off", "--kubelet", "on", "--kubelet-socket", str(sock),
         )
         stack.callback(exporter.stop)
-        placement = {"containerd-systemd": 0, "crio-systemd": 1, "slurm-v1": 2, "systemd-unit": 3, "docker-cgroupfs": 4}
-        for name, gpu in placement.items():
+        for pid, (_, gpu) in placed_on.items():
             status, text = http_post_json(f"{base}/-/simulate/events", {
-                "gpu": gpu, "add_process": {"pid": pids[name], "type": "compute", "used_memory_bytes": "1GiB"}})
+                "gpu": gpu, "add_process": {"pid": pid, "type": "compute", "used_memory_bytes": "1GiB"}})
             assert status == 200, text
+        trainer_pid = next(pid for pid, (lay, _) in placed_on.items() if lay is trainer)
 
         def attributed() -> dict[str, Samples] | None:
             m = scrape(base)
             procs = {int(s["pid"]): s for s, _ in m.get("gpu_process_memory_used_bytes", [])}
-            ok = all(pids[n] in procs for n in placement) and procs[pids["containerd-systemd"]]["k8s_pod"]
+            ok = all(pid in procs for pid in placed_on) and procs[trainer_pid]["k8s_pod"]
             return m if ok else None
 
         m = wait_until(attributed, timeout=60, interval=0.2, message="attribution labels on /metrics")
         procs = {int(s["pid"]): s for s, _ in m["gpu_process_memory_used_bytes"]}
-        p = procs[pids["containerd-systemd"]]
+        for pid, (layout, gpu) in placed_on.items():
+            labels = procs[pid]
+            assert labels["gpu"] == str(gpu)
+            for field, label in LABEL_OF.items():
+                assert labels[label] == layout.expected.get(field, ""), (layout.name, label, labels)
+            if layout is not trainer:  # no allocation joins them: no guessed Kubernetes names
+                assert (labels["k8s_namespace"], labels["k8s_pod"], labels["k8s_container"]) == ("", "", ""), labels
+        p = procs[trainer_pid]
         assert (p["k8s_namespace"], p["k8s_pod"], p["k8s_container"]) == ("ml", "bert-0", "train"), p
-        assert (p["container_id"], p["k8s_pod_uid"]) == (containerd.expected["container_id"], containerd.expected["pod_uid"]), p
-        # A pod without a device allocation: pod UID and container id from the cgroup, no guessed names.
-        p = procs[pids["crio-systemd"]]
-        assert (p["k8s_pod_uid"], p["container_id"], p["k8s_pod"]) == (crio.expected["pod_uid"], crio.expected["container_id"], ""), p
-        p = procs[pids["slurm-v1"]]
-        assert (p["slurm_job"], p["slurm_step"]) == (slurm.expected["slurm_job"], "0"), p
-        assert procs[pids["systemd-unit"]]["systemd_unit"] == unit.expected["systemd_unit"]
-        assert procs[pids["docker-cgroupfs"]]["container_id"] == docker.expected["container_id"]
         # The container series carries the pod's names too.
         containers = {s["container_id"]: s for s, _ in m["gpu_container_memory_used_bytes"]}
-        assert containers[containerd.expected["container_id"]]["k8s_pod"] == "bert-0"
+        assert containers[trainer.expected["container_id"]]["k8s_pod"] == "bert-0"
 
         holders = {(s["gpu"], s["k8s_namespace"], s["k8s_pod"], s["k8s_container"], s["slurm_job"])
                    for s, _ in m["gpu_allocation_info"]}
+        slurm_jobs = {(str(gpu), "", "", "", lay.expected["slurm_job"])
+                      for lay, gpu in placed_on.values() if "slurm_job" in lay.expected}
         assert holders == {
             ("0", "ml", "bert-0", "train", ""),
             ("5", "ml", "idle-1", "main", ""),  # allocated, no process: still named
-            ("2", "", "", "", slurm.expected["slurm_job"]),
+            *slurm_jobs,
         }, holders
         up = {s["source"]: v for s, v in m["gpu_exporter_attribution_up"]}
         assert up == {"cgroup": 1.0, "kubelet": 1.0}
@@ -95,7 +107,8 @@ def test_every_layout_and_the_kubelet_through_metrics(log_dir: Path) -> None:
 
         m = wait_until(kubelet_down, timeout=60, interval=0.5, message="attribution_up{source=kubelet} 0")
         procs = {int(s["pid"]): s for s, _ in m["gpu_process_memory_used_bytes"]}
-        assert procs[pids["slurm-v1"]]["slurm_job"] == slurm.expected["slurm_job"]
-        assert procs[pids["containerd-systemd"]]["k8s_pod_uid"] == containerd.expected["pod_uid"]
+        for pid, (layout, _) in placed_on.items():  # every cgroup label is still there
+            for field, label in LABEL_OF.items():
+                assert procs[pid][label] == layout.expected.get(field, ""), (layout.name, label)
         assert exporter.alive
         assert "kubelet PodResources API" in exporter.log() and exporter.log().count("unavailable (") == 1
