@@ -38,6 +38,10 @@ class GpuProcess:
     rank: str | None = None
     # Filled by exporter.attribution.engine from the cgroup (+ kubelet names; + the hook for Slurm).
     owner: ProcessOwner | None = None
+    # MIG: the GPU instance / compute instance the process runs in (None when MIG is off or NVML
+    # would not say, e.g. without the privileges to see other users' instances).
+    gpu_instance: int | None = None
+    compute_instance: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,6 +79,20 @@ class XidCount:
 
     count: int
     last_seen_timestamp_seconds: float
+
+
+@dataclass(frozen=True, slots=True)
+class MigInstance:
+    """One MIG device (a compute instance inside a GPU instance) of a GPU in MIG mode."""
+
+    gpu_instance: int
+    compute_instance: int
+    uuid: str  # "MIG-..."
+    profile: str | None = None  # e.g. "1g.10gb", from the MIG device's name
+    memory_used_bytes: int | None = None  # of the GPU instance (its compute instances share it)
+    memory_total_bytes: int | None = None
+    # GPM metric ("sm_active", ...) -> ratio 0..1 for the GPU instance (Hopper and newer)
+    gpm_ratios: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -133,6 +151,31 @@ class GpuSample:
     pcie_tx_bytes_per_second: float | None = None
     pcie_rx_bytes_per_second: float | None = None
     pcie_replay_errors: int | None = None
+    # PCIe link: generation and width now, the most this GPU can reach in this slot ("max"), and the
+    # card's own maximum generation (a Gen5 card in a Gen4 slot: max 4, device max 5).
+    pcie_link_generation: int | None = None
+    pcie_link_generation_max: int | None = None
+    pcie_link_generation_device_max: int | None = None
+    pcie_link_width_lanes: int | None = None
+    pcie_link_width_max_lanes: int | None = None
+    # PCIe error counter ("correctable", "non_fatal", "fatal", "replay_rollover", ...) -> count
+    pcie_errors: dict[str, int] = field(default_factory=dict)
+
+    # NVLink, per link index that exists: up (active) or not; error counters by (link, error
+    # "crc_flit"|"crc_data"|"replay"|"recovery"); data bytes by (link, "tx"|"rx").
+    nvlink_up: dict[int, bool] = field(default_factory=dict)
+    nvlink_errors: dict[tuple[int, str], int] = field(default_factory=dict)
+    nvlink_bytes: dict[tuple[int, str], int] = field(default_factory=dict)
+
+    # Cumulative time the clocks were held down, by reason ("power", "thermal", "sync_boost", ...).
+    throttle_seconds: dict[str, float] = field(default_factory=dict)
+
+    # What the driver asks to be done to bring the GPU back to health ("none", "gpu_reset",
+    # "node_reboot", "drain_p2p", "drain_and_reset", ...); None when the driver cannot say.
+    recovery_action: str | None = None
+
+    # MIG devices when the GPU is in MIG mode; empty otherwise.
+    mig_instances: tuple[MigInstance, ...] = ()
 
     # (error_type "corrected"|"uncorrected", counter "volatile"|"aggregate") -> count
     ecc_errors: dict[tuple[str, str], int] = field(default_factory=dict)

@@ -26,6 +26,8 @@ PROCESS_LABELS = [
     "compose_service", "k8s_namespace", "k8s_pod", "training_job", "rank",
     # exporter.attribution: the cgroup's pod UID / Slurm job / systemd unit, the kubelet's names.
     "k8s_container", "k8s_pod_uid", "slurm_job", "slurm_step", "systemd_unit",
+    # exporter.nvml: the MIG GPU / compute instance (empty when MIG is off).
+    "gpu_instance", "compute_instance",
 ]
 # The holder labels of a container's GPU memory series (a subset of the process labels).
 CONTAINER_LABELS = [*GPU_LABELS, "container_id", "container_name", "k8s_namespace", "k8s_pod", "k8s_container"]
@@ -50,6 +52,11 @@ _GAUGES = (
     ("performance_state", "gpu_performance_state", "Performance state, 0 (max) .. 15 (min)"),
     ("pcie_tx_bytes_per_second", "gpu_pcie_tx_bytes_per_second", "PCIe transmit throughput (sampled by NVML)"),
     ("pcie_rx_bytes_per_second", "gpu_pcie_rx_bytes_per_second", "PCIe receive throughput (sampled by NVML)"),
+    ("pcie_link_generation", "gpu_pcie_link_generation", "PCIe link generation now (may drop at idle to save power)"),
+    ("pcie_link_generation_max", "gpu_pcie_link_generation_max", "Highest PCIe generation this GPU can reach in its slot"),
+    ("pcie_link_generation_device_max", "gpu_pcie_link_generation_device_max", "Highest PCIe generation the card supports"),
+    ("pcie_link_width_lanes", "gpu_pcie_link_width_lanes", "PCIe link width now, lanes"),
+    ("pcie_link_width_max_lanes", "gpu_pcie_link_width_max_lanes", "Widest PCIe link this GPU can reach in its slot, lanes"),
 )
 _COUNTERS = (
     ("energy_consumed_joules", "gpu_energy_consumed_joules", "Energy consumed since the driver was loaded"),
@@ -134,6 +141,14 @@ def _render(snapshot: NodeSnapshot) -> Iterator[Metric]:
     yield from _labelled(gpus, ids, "gpu_clock_event_active",
                          "1 while this clock-event (throttle) reason holds the clocks down",
                          "reason", lambda g: {k: 1.0 if v else 0.0 for k, v in g.clock_event_reasons.items()})
+    yield from _labelled(gpus, ids, "gpu_clock_throttle_seconds", "Time the clocks were held down, by reason "
+                         "(NVML violation counters)", "reason", lambda g: g.throttle_seconds, CounterMetricFamily)
+    yield from _labelled(gpus, ids, "gpu_pcie_errors", "PCIe error counters", "error", lambda g: g.pcie_errors,
+                         CounterMetricFamily)
+    yield from _labelled(gpus, ids, "gpu_recovery_action", "1 for the action the driver asks for to bring the GPU "
+                         "back (none, gpu_reset, node_reboot, drain_p2p, drain_and_reset, ...)", "action",
+                         lambda g: {g.recovery_action: 1.0} if g.recovery_action is not None else {})
+    yield from _nvlink(gpus, ids)
     yield from _labelled(gpus, ids, "gpu_retired_pages", "Retired framebuffer pages (pre-Ampere)",
                          "cause", lambda g: g.retired_pages)
     yield from _labelled(gpus, ids, "gpu_remapped_rows", "Remapped memory rows (Ampere and newer)",
@@ -165,6 +180,7 @@ def _render(snapshot: NodeSnapshot) -> Iterator[Metric]:
                 gauge.add_metric(ids[g.index], value)
         yield from _nonempty(gauge)
 
+    yield from _mig(gpus, ids)
     yield from _processes(gpus, ids)
 
 
@@ -175,13 +191,61 @@ def _labelled(
     doc: str,
     label: str,
     values: Callable[[GpuSample], Mapping[str, float]],
+    family_type: type[GaugeMetricFamily] | type[CounterMetricFamily] = GaugeMetricFamily,
 ) -> Iterator[Metric]:
-    """One gauge with an extra label from a per-GPU dict (thresholds, clocks, reasons, ...)."""
-    gauge = GaugeMetricFamily(name, doc, labels=[*GPU_LABELS, label])
+    """One family with an extra label from a per-GPU dict (thresholds, clocks, reasons, ...)."""
+    family = family_type(name, doc, labels=[*GPU_LABELS, label])
     for g in gpus:
         for key, value in values(g).items():
-            gauge.add_metric([*ids[g.index], key], float(value))
-    yield from _nonempty(gauge)
+            family.add_metric([*ids[g.index], key], float(value))
+    yield from _nonempty(family)
+
+
+def _nvlink(gpus: tuple[GpuSample, ...], ids: dict[int, list[str]]) -> Iterator[Metric]:
+    """Per NVLink link: up, error counters, data bytes."""
+    up = GaugeMetricFamily("gpu_nvlink_up", "1 when the NVLink link is active (or idle in low power), 0 when "
+                           "down", labels=[*GPU_LABELS, "link"])
+    errors = CounterMetricFamily("gpu_nvlink_errors", "NVLink error counters (crc_flit, crc_data, replay, "
+                                 "recovery)", labels=[*GPU_LABELS, "link", "error"])
+    tx = CounterMetricFamily("gpu_nvlink_tx_bytes", "NVLink data bytes sent", labels=[*GPU_LABELS, "link"])
+    rx = CounterMetricFamily("gpu_nvlink_rx_bytes", "NVLink data bytes received", labels=[*GPU_LABELS, "link"])
+    for g in gpus:
+        for link, is_up in sorted(g.nvlink_up.items()):
+            up.add_metric([*ids[g.index], str(link)], 1.0 if is_up else 0.0)
+        for (link, error), n in sorted(g.nvlink_errors.items()):
+            errors.add_metric([*ids[g.index], str(link), error], float(n))
+        for (link, direction), n in sorted(g.nvlink_bytes.items()):
+            (tx if direction == "tx" else rx).add_metric([*ids[g.index], str(link)], float(n))
+    for family in (up, errors, tx, rx):
+        yield from _nonempty(family)
+
+
+def _mig(gpus: tuple[GpuSample, ...], ids: dict[int, list[str]]) -> Iterator[Metric]:
+    """Per MIG device (identity) and per GPU instance (memory, GPM): nothing when MIG is off."""
+    info = GaugeMetricFamily("gpu_mig_info", "A MIG device: GPU instance, compute instance, its UUID and profile",
+                             labels=[*GPU_LABELS, "gpu_instance", "compute_instance", "mig_uuid", "profile"])
+    instance_labels = [*GPU_LABELS, "gpu_instance"]
+    used = GaugeMetricFamily("gpu_mig_memory_used_bytes", "Memory in use in a MIG GPU instance", labels=instance_labels)
+    total = GaugeMetricFamily("gpu_mig_memory_total_bytes", "Memory of a MIG GPU instance", labels=instance_labels)
+    gpm = {key: GaugeMetricFamily(name.replace("gpu_gpm_", "gpu_mig_gpm_"), doc + ", per MIG GPU instance",
+                                  labels=instance_labels) for key, name, doc in _GPM}
+    for g in gpus:
+        seen: set[int] = set()
+        for m in g.mig_instances:
+            gi = str(m.gpu_instance)
+            info.add_metric([*ids[g.index], gi, str(m.compute_instance), m.uuid, m.profile or ""], 1.0)
+            if m.gpu_instance in seen:
+                continue  # compute instances of one GPU instance share its memory and GPM figures
+            seen.add(m.gpu_instance)
+            if m.memory_used_bytes is not None:
+                used.add_metric([*ids[g.index], gi], float(m.memory_used_bytes))
+            if m.memory_total_bytes is not None:
+                total.add_metric([*ids[g.index], gi], float(m.memory_total_bytes))
+            for key, value in m.gpm_ratios.items():
+                if key in gpm:
+                    gpm[key].add_metric([*ids[g.index], gi], value)
+    for family in (info, used, total, *gpm.values()):
+        yield from _nonempty(family)
 
 
 def _process_labels(gpu_ids: list[str], p: GpuProcess) -> list[str]:
@@ -194,6 +258,8 @@ def _process_labels(gpu_ids: list[str], p: GpuProcess) -> list[str]:
         labels.get(_COMPOSE_SERVICE, ""), o.k8s_namespace or labels.get(_K8S_NAMESPACE, ""),
         o.k8s_pod or labels.get(_K8S_POD, ""), p.training_job or "", p.rank or "",
         o.k8s_container, o.k8s_pod_uid, o.slurm_job, o.slurm_step, o.systemd_unit,
+        "" if p.gpu_instance is None else str(p.gpu_instance),
+        "" if p.compute_instance is None else str(p.compute_instance),
     ]
 
 

@@ -1,6 +1,7 @@
 """What each NVML reading means: the enum tables (architectures, clocks, thresholds, clock-event
 reasons, ECC, page retirement, GPM metrics), the readers of fields that take several calls or a
-fallback, and the conversion of NVML's units into base units (``scaled``).
+fallback (the board constants, the process lists), and the conversion of NVML's units into base
+units (``scaled``). Batched field values live in exporter.nvml.field_values.
 
 Every function takes a ``FieldReader`` (exporter.nvml.errors), so "not supported" stays absent.
 """
@@ -9,11 +10,12 @@ from __future__ import annotations
 
 import ctypes
 from collections.abc import Callable
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, NamedTuple
 
 import pynvml
 
-from exporter.nvml.errors import FIELD_LEVEL_ERRORS, UNSUPPORTED_ERRORS, FieldReader
+from exporter.nvml.errors import FIELD_LEVEL_ERRORS, FieldReader
 
 ARCHITECTURES = {
     pynvml.NVML_DEVICE_ARCH_KEPLER: "kepler",
@@ -90,19 +92,6 @@ def read_memory(r: FieldReader) -> tuple[int | None, int | None, int | None, int
     r.unsupported.add("memory_reserved_bytes")
     return int(mem.used), int(mem.free), int(mem.total), None
 
-def read_memory_temperature(r: FieldReader) -> float | None:
-    values = r.get("temperature_memory_celsius", pynvml.nvmlDeviceGetFieldValues,
-                   [pynvml.NVML_FI_DEV_MEMORY_TEMP])
-    if not values:
-        return None
-    fv = values[0]
-    if fv.nvmlReturn != pynvml.NVML_SUCCESS:
-        if fv.nvmlReturn in UNSUPPORTED_ERRORS:
-            r.unsupported.add("temperature_memory_celsius")
-        return None
-    value = field_value(fv)
-    return float(value) if value else None  # 0 means "no sensor" on boards without HBM readings
-
 def read_thresholds(r: FieldReader) -> dict[str, float]:
     out: dict[str, float] = {}
     for name, threshold in _THRESHOLDS.items():
@@ -123,15 +112,47 @@ def read_clocks(r: FieldReader, field: str, fn: Callable[..., int]) -> dict[str,
         r.unsupported.discard(field)
     return out
 
-def read_clock_event_reasons(r: FieldReader) -> dict[str, bool]:
+def read_clock_event_reasons(r: FieldReader, supported: int | None) -> dict[str, bool]:
+    """Active reasons among those the board supports (``Board.supported_reasons``; None: all)."""
     active = r.get("clock_event_reasons", pynvml.nvmlDeviceGetCurrentClocksEventReasons)
     if active is None:
         return {}
-    supported = r.get("clock_event_reasons", pynvml.nvmlDeviceGetSupportedClocksEventReasons)
     if supported is None:
         supported = sum(CLOCK_EVENT_REASONS.values())
-        r.unsupported.discard("clock_event_reasons")
     return {name: bool(active & bit) for name, bit in CLOCK_EVENT_REASONS.items() if supported & bit}
+
+
+@dataclass(frozen=True, slots=True)
+class Board:
+    """What does not change while the driver is loaded, read once per GPU and NVML session: temperature
+    thresholds, maximum clocks, supported clock-event reasons, PCIe link maxima; ``unsupported`` names
+    those NVML refused (absent every poll)."""
+
+    thresholds: dict[str, float]
+    clocks_max: dict[str, float]
+    supported_reasons: int | None
+    pcie_generation_max: int | None
+    pcie_generation_device_max: int | None
+    pcie_width_max: int | None
+    unsupported: frozenset[str]
+
+
+def read_board(r: FieldReader) -> Board:
+    before = set(r.unsupported)
+    thresholds = read_thresholds(r)
+    clocks_max = read_clocks(r, "clocks_max_hertz", pynvml.nvmlDeviceGetMaxClockInfo)
+    supported = r.get("clock_event_reasons", pynvml.nvmlDeviceGetSupportedClocksEventReasons)
+    r.unsupported.discard("clock_event_reasons")  # decided by the current-reasons call each poll
+    return Board(
+        thresholds=thresholds,
+        clocks_max=clocks_max,
+        supported_reasons=supported,
+        pcie_generation_max=r.get("pcie_link_generation_max", pynvml.nvmlDeviceGetMaxPcieLinkGeneration),
+        pcie_generation_device_max=r.get("pcie_link_generation_device_max",
+                                         pynvml.nvmlDeviceGetGpuMaxPcieLinkGeneration),
+        pcie_width_max=r.get("pcie_link_width_max_lanes", pynvml.nvmlDeviceGetMaxPcieLinkWidth),
+        unsupported=frozenset(r.unsupported - before),
+    )
 
 def read_ecc(r: FieldReader) -> dict[tuple[str, str], int]:
     out: dict[tuple[str, str], int] = {}
@@ -153,19 +174,59 @@ def read_retired_pages(r: FieldReader) -> dict[str, int]:
     return out
 
 
-def compute_processes(handle: Any) -> list[Any]:
-    """v3 of the call (driver 510+), else v2: pynvml's unversioned wrapper raises a non-NVML error."""
-    try:
-        return pynvml.nvmlDeviceGetComputeRunningProcesses_v3(handle)
-    except pynvml.NVMLError_FunctionNotFound:
-        return pynvml.nvmlDeviceGetComputeRunningProcesses_v2(handle)
+class _ProcessInfo(ctypes.Structure):
+    """nvmlProcessInfo_t (v2/v3) with pynvml's own layout, as a plain ctypes structure (pynvml's wrapper
+    converts every entry into a Python object, which costs more than the call for long lists)."""
+
+    _fields_ = pynvml.c_nvmlProcessInfo_v3_t._fields_
 
 
-def graphics_processes(handle: Any) -> list[Any]:
-    try:
-        return pynvml.nvmlDeviceGetGraphicsRunningProcesses_v3(handle)
-    except pynvml.NVMLError_FunctionNotFound:
-        return pynvml.nvmlDeviceGetGraphicsRunningProcesses_v2(handle)
+class Process(NamedTuple):
+    pid: int
+    used_memory_bytes: int | None
+    gpu_instance: int  # NO_INSTANCE outside MIG (or when NVML would not say)
+    compute_instance: int
+
+
+NO_INSTANCE = 0xFFFFFFFF
+_NOT_AVAILABLE = pynvml.NVML_VALUE_NOT_AVAILABLE_ulonglong.value
+
+
+class ProcessList:
+    """One of NVML's running-process lists for one GPU, with a buffer kept across polls: one C call
+    while it is big enough (pynvml's wrapper asks for the size first, every time). The v3 call
+    (driver 510+) is used, or v2 where the driver has no v3."""
+
+    def __init__(self, *names: str) -> None:
+        self._names = list(names)
+        self._buffer = (_ProcessInfo * 16)()
+
+    def read(self, handle: Any) -> list[Process]:
+        for _ in range(3):  # the list may grow between a too-small call and the next
+            try:
+                fn = pynvml._nvmlGetFunctionPointer(self._names[0])
+            except pynvml.NVMLError_FunctionNotFound:
+                if len(self._names) == 1:
+                    raise
+                self._names.pop(0)
+                continue
+            count = ctypes.c_uint(len(self._buffer))
+            ret = fn(handle, ctypes.byref(count), self._buffer)
+            if ret == pynvml.NVML_SUCCESS:
+                return [Process(p.pid, None if p.usedGpuMemory == _NOT_AVAILABLE else int(p.usedGpuMemory),
+                                p.gpuInstanceId, p.computeInstanceId) for p in self._buffer[:count.value]]
+            if ret != pynvml.NVML_ERROR_INSUFFICIENT_SIZE:
+                raise pynvml.NVMLError(ret)
+            self._buffer = (_ProcessInfo * (count.value * 2 + 5))()
+        raise pynvml.NVMLError(pynvml.NVML_ERROR_INSUFFICIENT_SIZE)
+
+
+def compute_processes() -> ProcessList:
+    return ProcessList("nvmlDeviceGetComputeRunningProcesses_v3", "nvmlDeviceGetComputeRunningProcesses_v2")
+
+
+def graphics_processes() -> ProcessList:
+    return ProcessList("nvmlDeviceGetGraphicsRunningProcesses_v3", "nvmlDeviceGetGraphicsRunningProcesses_v2")
 
 
 def field_value(fv: Any) -> float | int:
@@ -181,4 +242,6 @@ def field_value(fv: Any) -> float | int:
         return int(fv.value.sllVal)
     if vt == pynvml.NVML_VALUE_TYPE_SIGNED_INT:
         return int(fv.value.siVal)
+    if vt == pynvml.NVML_VALUE_TYPE_UNSIGNED_SHORT:
+        return int(fv.value.usVal)
     return int(fv.value.uiVal)

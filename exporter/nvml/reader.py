@@ -21,31 +21,36 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import pynvml
 
 from exporter.nvml.errors import FieldReader, error_kind
+from exporter.nvml.field_values import DeviceFieldReader
 from exporter.nvml.fields import (
     ARCHITECTURES,
-    GPM_METRICS,
+    NO_INSTANCE,
     PRE_GPM_ARCHITECTURES,
     PSTATE_UNKNOWN,
+    Board,
+    Process,
+    ProcessList,
     compute_processes,
     device_address,
     graphics_processes,
+    read_board,
     read_clock_event_reasons,
     read_clocks,
     read_ecc,
     read_memory,
-    read_memory_temperature,
     read_retired_pages,
-    read_thresholds,
     scaled,
 )
+from exporter.nvml.gpm import GpmSampler
+from exporter.nvml.mig import MigReader
 from exporter.nvml.xid import XidListener
-from exporter.snapshot import GpuInfo, GpuProcess, GpuSample, NodeSnapshot
+from exporter.snapshot import GpuInfo, GpuProcess, GpuSample, MigInstance, NodeSnapshot
 
 log = logging.getLogger(__name__)
 
@@ -53,19 +58,24 @@ log = logging.getLogger(__name__)
 @dataclass(slots=True)
 class _Device:
     """What one NVML session knows about one GPU handle; dropped as a whole when the GPU fails, so a
-    recovered GPU is read from scratch."""
+    recovered GPU is read from scratch: identity, board constants, the field-value plan, the GPM
+    sample pair, the per-process utilization cursor, the process-list buffers and the MIG devices."""
 
     uuid: str
     info: GpuInfo | None = None
+    board: Board | None = None
+    fields: DeviceFieldReader = field(default_factory=DeviceFieldReader)
     gpm_supported: bool | None = None
-    gpm_sample: Any = None  # the previous GPM sample (GPM metrics are rates between two samples)
+    gpm: GpmSampler = field(default_factory=GpmSampler)
     process_samples_since: int = 0  # timestamp of the newest per-process utilization sample seen
+    compute: ProcessList = field(default_factory=compute_processes)
+    graphics: ProcessList = field(default_factory=graphics_processes)
+    mig: MigReader | None = None
 
     def release(self) -> None:
-        sample, self.gpm_sample = self.gpm_sample, None
-        if sample is not None:
-            with contextlib.suppress(pynvml.NVMLError):
-                pynvml.nvmlGpmSampleFree(sample)
+        self.gpm.free()
+        if self.mig is not None:
+            self.mig.close()
 
 
 class NvmlReader:
@@ -215,6 +225,10 @@ class NvmlReader:
         info = device.info
         if info is None:
             info = device.info = self._read_info(r)
+        board = device.board
+        if board is None:
+            board = device.board = read_board(r)
+        r.unsupported |= board.unsupported
         mig = r.get("mig_mode", pynvml.nvmlDeviceGetMigMode)
         mig_mode = None if mig is None else "enabled" if mig[0] == pynvml.NVML_DEVICE_MIG_ENABLE else "disabled"
         if info.mig_mode != mig_mode:  # the only identity fact that changes (after a GPU reset)
@@ -233,6 +247,9 @@ class NvmlReader:
         temp = r.get("temperature_gpu_celsius", pynvml.nvmlDeviceGetTemperature, pynvml.NVML_TEMPERATURE_GPU)
         tx = r.get("pcie_tx_bytes_per_second", pynvml.nvmlDeviceGetPcieThroughput, pynvml.NVML_PCIE_UTIL_TX_BYTES)
         rx = r.get("pcie_rx_bytes_per_second", pynvml.nvmlDeviceGetPcieThroughput, pynvml.NVML_PCIE_UTIL_RX_BYTES)
+        pcie_gen = r.get("pcie_link_generation", pynvml.nvmlDeviceGetCurrPcieLinkGeneration)
+        pcie_width = r.get("pcie_link_width_lanes", pynvml.nvmlDeviceGetCurrPcieLinkWidth)
+        fields = device.fields.read(r)  # NVLink, PCIe counters, throttle time, recovery action, ...
         pending_pages = r.get("retired_pages_pending", pynvml.nvmlDeviceGetRetiredPagesPendingStatus)
         remapped = r.get("remapped_rows", pynvml.nvmlDeviceGetRemappedRows)
         if remapped is None and "remapped_rows" in r.unsupported:
@@ -250,19 +267,30 @@ class NvmlReader:
             memory_total_bytes=mem[2],
             memory_reserved_bytes=mem[3],
             temperature_gpu_celsius=scaled(temp),
-            temperature_memory_celsius=read_memory_temperature(r),
-            temperature_thresholds_celsius=read_thresholds(r),
+            temperature_memory_celsius=fields.memory_temperature,
+            temperature_thresholds_celsius=board.thresholds,
             power_usage_watts=scaled(power, per=1000),
             power_limit_watts=scaled(limit, per=1000),
             energy_consumed_joules=scaled(energy, per=1000),
             clocks_hertz=read_clocks(r, "clocks_hertz", pynvml.nvmlDeviceGetClockInfo),
-            clocks_max_hertz=read_clocks(r, "clocks_max_hertz", pynvml.nvmlDeviceGetMaxClockInfo),
-            clock_event_reasons=read_clock_event_reasons(r),
+            clocks_max_hertz=board.clocks_max,
+            clock_event_reasons=read_clock_event_reasons(r, board.supported_reasons),
             fan_speed_ratio=scaled(fan, per=100),
             performance_state=pstate if pstate is not None and pstate != PSTATE_UNKNOWN else None,
             pcie_tx_bytes_per_second=scaled(tx, times=1000),
             pcie_rx_bytes_per_second=scaled(rx, times=1000),
-            pcie_replay_errors=r.get("pcie_replay_errors", pynvml.nvmlDeviceGetPcieReplayCounter),
+            pcie_replay_errors=fields.pcie_replay_errors,
+            pcie_link_generation=pcie_gen,
+            pcie_link_generation_max=board.pcie_generation_max,
+            pcie_link_generation_device_max=board.pcie_generation_device_max,
+            pcie_link_width_lanes=pcie_width,
+            pcie_link_width_max_lanes=board.pcie_width_max,
+            pcie_errors=fields.pcie_errors,
+            nvlink_up=fields.nvlink_up,
+            nvlink_errors=fields.nvlink_errors,
+            nvlink_bytes=fields.nvlink_bytes,
+            throttle_seconds=fields.throttle_seconds,
+            recovery_action=fields.recovery_action,
             ecc_errors=read_ecc(r),
             retired_pages=read_retired_pages(r),
             retired_pages_pending=bool(pending_pages) if pending_pages is not None else None,
@@ -270,8 +298,9 @@ class NvmlReader:
             remapped_rows_pending=bool(remapped[2]) if remapped else None,
             remapped_rows_failure=bool(remapped[3]) if remapped else None,
             gpm_ratios=self._gpm(r, device),
+            mig_instances=self._mig(r, device, mig_mode),
             xid_errors=self._xid.counts(uuid),
-            processes=self._processes(r, device),
+            processes=self._processes(r, device, mig_mode == "enabled"),
         )
         return replace(sample, unsupported=frozenset(r.unsupported)) if r.unsupported else sample
 
@@ -286,55 +315,41 @@ class NvmlReader:
             architecture=ARCHITECTURES.get(arch) if arch is not None else None,
         )
 
-    def _gpm(self, r: FieldReader, device: _Device) -> dict[str, float]:
-        """GPM metrics are rates between two samples: keep this poll's sample for the next one."""
-        if device.info is not None and device.info.architecture in PRE_GPM_ARCHITECTURES:
+    @staticmethod
+    def _gpm(r: FieldReader, device: _Device) -> dict[str, float]:
+        """GPM metrics are rates between two samples: the device's sampler pair keeps the previous one."""
+        if device.gpm_supported is None:
+            if device.info is not None and device.info.architecture in PRE_GPM_ARCHITECTURES:
+                device.gpm_supported = False
+            else:
+                support = r.get("gpm_ratios", pynvml.nvmlGpmQueryDeviceSupport)
+                device.gpm_supported = bool(support and support.isSupportedDevice)
+        if not device.gpm_supported:
             r.unsupported.add("gpm_ratios")
             return {}
-        supported = device.gpm_supported
-        if supported is None:
-            support = r.get("gpm_ratios", pynvml.nvmlGpmQueryDeviceSupport)
-            supported = device.gpm_supported = bool(support and support.isSupportedDevice)
-        if not supported:
-            r.unsupported.add("gpm_ratios")
-            return {}
-        sample = pynvml.nvmlGpmSampleAlloc()
-        if r.get("gpm_ratios", pynvml.nvmlGpmSampleGet, sample) is None:
-            pynvml.nvmlGpmSampleFree(sample)
-            return {}
-        previous, device.gpm_sample = device.gpm_sample, sample
-        if previous is None:
-            return {}
-        try:
-            request = pynvml.c_nvmlGpmMetricsGet_t()
-            request.version = pynvml.NVML_GPM_METRICS_GET_VERSION
-            request.numMetrics = len(GPM_METRICS)
-            request.sample1 = previous
-            request.sample2 = sample
-            for i, metric_id in enumerate(GPM_METRICS.values()):
-                request.metrics[i].metricId = metric_id
-            try:
-                pynvml.nvmlGpmMetricsGet(request)
-            except pynvml.NVMLError as exc:
-                log.debug("GPM metrics unavailable: %s", exc)
-                return {}
-            out: dict[str, float] = {}
-            for i, name in enumerate(GPM_METRICS):
-                metric = request.metrics[i]
-                if metric.nvmlReturn == pynvml.NVML_SUCCESS:
-                    out[name] = min(1.0, max(0.0, metric.value / 100.0))
-            return out
-        finally:
-            pynvml.nvmlGpmSampleFree(previous)
+        return device.gpm.read(lambda buffer: r.get("gpm_ratios", pynvml.nvmlGpmSampleGet, buffer)) or {}
 
-    def _processes(self, r: FieldReader, device: _Device) -> tuple[GpuProcess, ...]:
+    @staticmethod
+    def _mig(r: FieldReader, device: _Device, mig_mode: str | None) -> tuple[MigInstance, ...]:
+        """MIG devices while the GPU is in MIG mode; nothing otherwise."""
+        if mig_mode != "enabled":
+            if device.mig is not None:
+                device.mig.close()
+                device.mig = None
+            return ()
+        if device.mig is None:
+            device.mig = MigReader()
+        return device.mig.read(r.handle, bool(device.gpm_supported))
+
+    def _processes(self, r: FieldReader, device: _Device, mig: bool) -> tuple[GpuProcess, ...]:
         """Compute and graphics processes, one entry per PID (a process with both kinds of context is
-        listed by NVML twice; it counts as compute), with SM utilization where NVML samples it."""
-        by_pid: dict[int, tuple[str, int | None]] = {}
-        for ptype, fn in (("compute", compute_processes), ("graphics", graphics_processes)):
-            for p in r.get("processes", fn) or ():
+        listed by NVML twice; it counts as compute), with SM utilization where NVML samples it and,
+        on a MIG GPU, the GPU / compute instance NVML names for it."""
+        by_pid: dict[int, tuple[str, Process]] = {}
+        for ptype, plist in (("compute", device.compute), ("graphics", device.graphics)):
+            for p in r.get("processes", plist.read) or ():
                 if p.pid not in by_pid:
-                    by_pid[p.pid] = (ptype, p.usedGpuMemory)
+                    by_pid[p.pid] = (ptype, p)
         if not by_pid:
             return ()
         sm: dict[int, tuple[int, float]] = {}  # pid -> (timestamp, ratio) of its newest sample
@@ -348,8 +363,14 @@ class NvmlReader:
             GpuProcess(
                 pid=pid,
                 process_type=ptype,
-                used_memory_bytes=int(used) if used is not None else None,
+                used_memory_bytes=p.used_memory_bytes,
                 sm_utilization_ratio=sm[pid][1] if pid in sm else None,
+                gpu_instance=_instance(p.gpu_instance, mig),
+                compute_instance=_instance(p.compute_instance, mig),
             )
-            for pid, (ptype, used) in sorted(by_pid.items())
+            for pid, (ptype, p) in sorted(by_pid.items())
         )
+
+
+def _instance(value: int, mig: bool) -> int | None:
+    return int(value) if mig and value != NO_INSTANCE else None

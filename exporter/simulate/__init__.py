@@ -22,6 +22,12 @@ Event schema (a timeline entry without ``at``; also the body of POST /-/simulate
 - ``{"gpu": 0, "add_process": {"pid": 1234, "type": "compute", "used_memory_bytes": "4GiB",
   "sm_utilization_ratio": 0.5}}`` / ``{"gpu": 0, "remove_process": 1234}``.
 - ``{"gpu": 0, "add_ecc_errors": {"corrected": 10, "uncorrected": 1}}`` adds to volatile and aggregate.
+- ``{"gpu": 0, "add_nvlink_errors": {3: {"crc_flit": 500, "replay": 20}}}`` adds to link 3's NVLink
+  error counters (``set: {nvlink_error_rates: {3: {crc_flit: 50}}}`` makes them grow per second instead;
+  ``set: {nvlink_links_down: [3]}`` takes link 3 down).
+- PCIe link, throttle time, recovery action and MIG are GPU fields too: ``set: {pcie_link_width_lanes: 8,
+  pcie_link_generation: 3}``, ``set: {recovery_action: gpu_reset}``, ``set: {mig_instances: [...]}``.
+  Throttle time grows by itself while a matching ``clock_event_reasons`` entry is set.
 - Node-wide, no ``gpu``: ``{"nvml_delay_seconds": 2.0}`` (each device enumeration stalls that long,
   like a hung driver) and ``{"nvml_init_error": "driver_not_loaded"}`` / ``null`` (nvmlInit fails).
 """
@@ -100,6 +106,7 @@ class SimulatedNvml:
             lib.init_error = ev["nvml_init_error"]
         for slot in ev.get("gpu", ()):
             g = lib.gpus[slot]
+            lib.settle_counters(g)  # accumulated counters up to now, before any rate changes
             for key, value in ev.get("set", {}).items():
                 lib.cancel_ramp(slot, key)
                 if key == "processes":
@@ -120,6 +127,13 @@ class SimulatedNvml:
                     c["volatile"] = c.get("volatile", 0) + n
                     c["aggregate"] = c.get("aggregate", 0) + n
                 g["ecc_errors"] = ecc
+            if "add_nvlink_errors" in ev:
+                errors = {link: dict(c) for link, c in g["nvlink_errors"].items()}
+                for link, added in ev["add_nvlink_errors"].items():
+                    counters = errors.setdefault(link, {})
+                    for error, n in added.items():
+                        counters[error] = counters.get(error, 0) + n
+                g["nvlink_errors"] = errors
             if "unsupported" in ev:
                 g["unsupported"] = g["unsupported"] | ev["unsupported"]
             if "supported" in ev:

@@ -16,14 +16,25 @@ import ctypes
 import logging
 import threading
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable
 from typing import Any
 
+import pynvml
+
+from exporter.nvml.field_values import (
+    NVLINK_ERRORS,
+    PCIE_ERROR_FIELDS,
+    THROTTLE_FIELDS,
+    legacy_nvlink_field,
+)
 from exporter.nvml.fields import CLOCK_EVENT_REASONS
 from exporter.simulate.scenario import (
     ARCHITECTURES,
     ERROR_CODES,
+    MAX_MIG_DEVICES,
+    MIG_ARCHITECTURE_MIN,
+    RECOVERY_ACTION_NAMES,
     Scenario,
     TimedEvent,
     _copy,
@@ -44,12 +55,38 @@ ERROR_GPU_IS_LOST = 15
 _DEV_BASE = 0x7E570000
 _EVSET_BASE = 0x7E580000
 _GPM_BASE = 0x7E590000
+_MIG_BASE = 0x7E5A0000  # + slot * 8 + MIG device index
 _MAX_SLOTS = 0x10000
 
 EVENT_XID = 0x8  # nvmlEventTypeXidCriticalError
 _THRESHOLD_IDS = {0: "shutdown", 1: "slowdown", 2: "memory_max", 3: "gpu_max"}
 _CLOCK_IDS = {0: "graphics", 1: "sm", 2: "memory"}
 _FI_DEV_MEMORY_TEMP = 82
+# Field ids the simulated driver answers (besides memory temperature), from pynvml's constants.
+_FI_PCIE = {fid: name for name, fid in PCIE_ERROR_FIELDS.items()}
+_FI_THROTTLE = {fid: name for name, fid in THROTTLE_FIELDS.items()}
+_FI_NVLINK_SCOPED = {
+    pynvml.NVML_FI_DEV_NVLINK_ERROR_DL_CRC: "crc_flit",
+    pynvml.NVML_FI_DEV_NVLINK_ERROR_DL_REPLAY: "replay",
+    pynvml.NVML_FI_DEV_NVLINK_ERROR_DL_RECOVERY: "recovery",
+}
+_FI_NVLINK_LEGACY = {fid: (error, link) for error in NVLINK_ERRORS for link in range(12)
+                     if (fid := legacy_nvlink_field(error, link)) is not None}
+_FI_NVLINK_BYTES = {pynvml.NVML_FI_DEV_NVLINK_THROUGHPUT_DATA_TX: "tx", pynvml.NVML_FI_DEV_NVLINK_THROUGHPUT_DATA_RX: "rx"}
+# Which clock-event reasons accumulate which throttle counter (the simulator's model of the driver).
+_THROTTLE_BY_REASON = {
+    "sw_power_cap": "power", "sw_thermal_slowdown": "thermal", "hw_thermal_slowdown": "thermal",
+    "sync_boost": "sync_boost", "hw_power_brake_slowdown": "board_limit", "hw_slowdown": "reliability",
+}
+# Keys whose change alters an accumulating counter: settle the counters before changing them.
+_RATE_KEYS = frozenset({"clock_event_reasons", "nvlink_error_rates", "nvlink_bytes_per_second",
+                        "nvlink_links_down", "nvlink_links", "throttle_seconds", "nvlink_errors"})
+_VT_UINT, _VT_ULL = 1, 3  # NVML_VALUE_TYPE_UNSIGNED_INT, _UNSIGNED_LONG_LONG
+# The simulator's model of an old driver (scenario driver_version before 520): it knows field ids up
+# to 169 only, and a batch holding a newer id fails as a whole with INVALID_ARGUMENT. (Whether real
+# old drivers fail the batch or only the entry is not known here; the reader copes with both.)
+_OLD_DRIVER_MAJOR = 520
+_FI_OLD_DRIVER_MAX = 170
 _GPM_IDS = {2: "sm_active", 5: "tensor_active", 10: "dram_bandwidth"}  # SM_UTIL, ANY_TENSOR_UTIL, DRAM_BW_UTIL
 _VOID_P = ctypes.c_void_p
 
@@ -76,21 +113,25 @@ class FakeNvmlLib:
         self.gpus: list[dict[str, Any]] = [_copy(g) for g in scenario.gpus]
         for g in self.gpus:
             g["_energy_t"] = 0.0
+            g["_acc_t"] = 0.0
+            g["_nvlink_bytes"] = {}
         self._timeline: deque[TimedEvent] = deque(scenario.timeline)
         self._ramps: list[tuple[int, str, float, float, float, float]] = []  # slot, key, t0, v0, t1, v1
         self.now = 0.0
+        self._old_driver = int(scenario.driver_version.split(".")[0]) < _OLD_DRIVER_MAJOR
         self.delay_seconds = 0.0
         self.init_error: str | None = None
         self.initialized = 0
         self._event_sets: dict[int, dict[str, Any]] = {}
         self._event_cond = threading.Condition(self.lock)
-        self._gpm_samples: dict[int, tuple[int, float] | None] = {}
+        self._gpm_samples: dict[int, tuple[int, float, int | None] | None] = {}
         self._next_id = 1
         self.apply_event: Callable[[dict[str, Any]], None] = lambda ev: None  # set by SimulatedNvml
         self._funcs: dict[str, Callable[..., Any]] = {}
+        self.calls: Counter[str] = Counter()  # NVML calls made, by function name (benchmarks, cost tests)
         for name in dir(self):
             if name.startswith("nvml"):
-                self._funcs[name] = _plain(getattr(self, name))
+                self._funcs[name] = _plain(getattr(self, name), name, self.calls)
 
     # --- function table ---------------------------------------------------------------------------
 
@@ -105,8 +146,11 @@ class FakeNvmlLib:
         raise AttributeError(name)
 
     def function(self, name: str) -> Callable[..., Any]:
-        """The plain function pynvml should get for ``name``."""
-        return self._funcs.get(name) or getattr(self, name)
+        """The plain function pynvml should get for ``name`` (counted in ``calls``)."""
+        fn = self._funcs.get(name)
+        if fn is None:
+            fn = self._funcs[name] = _plain(getattr(self, name), name, self.calls)
+        return fn
 
     # --- time and state ---------------------------------------------------------------------------
 
@@ -147,6 +191,8 @@ class FakeNvmlLib:
         g = self.gpus[slot]
         if key == "power_usage_watts":
             self._settle_energy(g)
+        if key in _RATE_KEYS:
+            self.settle_counters(g)
         if key in ("performance_state", "pcie_replay_errors") and value is not None:
             value = round(value)
         if key in ("memory_total_bytes", "memory_used_bytes", "memory_reserved_bytes") and value is not None:
@@ -159,6 +205,35 @@ class FakeNvmlLib:
         now = self.now
         g["energy_consumed_joules"] += g["power_usage_watts"] * max(0.0, now - g["_energy_t"])
         g["_energy_t"] = now
+
+    def settle_counters(self, g: dict[str, Any]) -> None:
+        """Accumulate the rate-driven counters (throttle time, NVLink errors and bytes) up to now."""
+        dt = max(0.0, self.now - g["_acc_t"])
+        g["_acc_t"] = self.now
+        if not dt:
+            return
+        throttled = {_THROTTLE_BY_REASON[r] for r in g["clock_event_reasons"] if r in _THROTTLE_BY_REASON}
+        if throttled:
+            spent = dict(g["throttle_seconds"])
+            for reason in throttled | {"below_application_clocks"}:
+                spent[reason] = spent.get(reason, 0.0) + dt
+            g["throttle_seconds"] = spent
+        links = g["nvlink_links"]
+        if g["nvlink_error_rates"]:
+            errors = {link: dict(c) for link, c in g["nvlink_errors"].items()}
+            for link, rates in g["nvlink_error_rates"].items():
+                if link < links and link not in g["nvlink_links_down"]:  # no traffic, no errors
+                    counters = errors.setdefault(link, {})
+                    for error, rate in rates.items():
+                        counters[error] = counters.get(error, 0) + rate * dt
+            g["nvlink_errors"] = errors
+        rates = g["nvlink_bytes_per_second"]
+        if links and any(rates.values()):
+            for link in range(links):
+                if link not in g["nvlink_links_down"]:
+                    moved = g["_nvlink_bytes"].setdefault(link, {"tx": 0.0, "rx": 0.0})
+                    for direction, rate in rates.items():
+                        moved[direction] += rate * dt
 
     @staticmethod
     def memory_used(g: dict[str, Any]) -> int:
@@ -197,6 +272,26 @@ class FakeNvmlLib:
         if field is not None and field in g["unsupported"]:
             return ERROR_NOT_SUPPORTED, None
         return SUCCESS, g
+
+    def _mig(self, handle: Any) -> tuple[int, dict[str, Any] | None, dict[str, Any] | None]:
+        """(return code, GPU state, MIG device) for a MIG device handle; (SUCCESS, None, None) when
+        ``handle`` is not a MIG handle at all."""
+        offset = _addr(handle) - _MIG_BASE
+        if not 0 <= offset < len(self.gpus) * 8:
+            return SUCCESS, None, None
+        slot, index = divmod(offset, 8)
+        rc, g = self._dev(_DEV_BASE + slot)
+        if g is None:
+            return rc, None, None
+        instances = g["mig_instances"] if g["mig_mode"] == "enabled" else []
+        if index >= len(instances):
+            return ERROR_NOT_FOUND, None, None
+        return SUCCESS, g, instances[index]
+
+    @staticmethod
+    def mig_uuid(g: dict[str, Any], inst: dict[str, Any]) -> str:
+        tail = g["uuid"].removeprefix("GPU-")
+        return f"MIG-{tail[:-4]}{inst['gpu_instance']:02x}{inst['compute_instance']:02x}"
 
     # --- library and system -----------------------------------------------------------------------
 
@@ -303,6 +398,16 @@ class FakeNvmlLib:
         return SUCCESS
 
     def _string(self, handle: Any, buf: Any, key: str, field: str | None = None) -> int:
+        rc, parent, inst = self._mig(handle)
+        if parent is not None and inst is not None:
+            value = self.mig_uuid(parent, inst) if key == "uuid" else \
+                f"{parent['name']} MIG {inst['profile']}" if key == "name" else None
+            if value is None:
+                return ERROR_NOT_SUPPORTED
+            buf.value = value.encode()
+            return SUCCESS
+        if rc != SUCCESS:
+            return rc
         rc, g = self._dev(handle, field)
         if g is None:
             return rc
@@ -361,12 +466,79 @@ class FakeNvmlLib:
         current._obj.value = pending._obj.value = 1 if g["mig_mode"] == "enabled" else 0
         return SUCCESS
 
+    def _mig_capable(self, handle: Any) -> tuple[int, dict[str, Any] | None]:
+        rc, g = self._dev(handle, "mig")
+        if g is None:
+            return rc, None
+        if ARCHITECTURES[g["architecture"]] < MIG_ARCHITECTURE_MIN or "mig_mode" in g["unsupported"]:
+            return ERROR_NOT_SUPPORTED, None
+        return SUCCESS, g
+
+    def nvmlDeviceGetMaxMigDeviceCount(self, handle: Any, out: Any) -> int:
+        rc, g = self._mig_capable(handle)
+        if g is None:
+            return rc
+        out._obj.value = MAX_MIG_DEVICES
+        return SUCCESS
+
+    def nvmlDeviceGetMigDeviceHandleByIndex(self, handle: Any, index: Any, out: Any) -> int:
+        rc, g = self._mig_capable(handle)
+        if g is None:
+            return rc
+        if g["mig_mode"] != "enabled":
+            return ERROR_INVALID_ARGUMENT
+        i = getattr(index, "value", index)
+        if not 0 <= i < MAX_MIG_DEVICES:
+            return ERROR_INVALID_ARGUMENT
+        if i >= len(g["mig_instances"]):
+            return ERROR_NOT_FOUND
+        _set_ptr(out._obj, _MIG_BASE + (_addr(handle) - _DEV_BASE) * 8 + i)
+        return SUCCESS
+
+    def _mig_id(self, handle: Any, out: Any, key: str) -> int:
+        rc, _g, inst = self._mig(handle)
+        if rc != SUCCESS:
+            return rc
+        if inst is None:
+            return ERROR_INVALID_ARGUMENT  # not a MIG device handle
+        out._obj.value = inst[key]
+        return SUCCESS
+
+    def nvmlDeviceGetGpuInstanceId(self, handle: Any, out: Any) -> int:
+        return self._mig_id(handle, out, "gpu_instance")
+
+    def nvmlDeviceGetComputeInstanceId(self, handle: Any, out: Any) -> int:
+        return self._mig_id(handle, out, "compute_instance")
+
+    def nvmlDeviceIsMigDeviceHandle(self, handle: Any, out: Any) -> int:
+        rc, _g, inst = self._mig(handle)
+        if rc != SUCCESS:
+            return rc
+        out._obj.value = 1 if inst is not None else 0
+        return SUCCESS
+
+    def nvmlDeviceGetDeviceHandleFromMigDeviceHandle(self, handle: Any, out: Any) -> int:
+        rc, _g, inst = self._mig(handle)
+        if rc != SUCCESS:
+            return rc
+        if inst is None:
+            return ERROR_INVALID_ARGUMENT
+        _set_ptr(out._obj, _DEV_BASE + (_addr(handle) - _MIG_BASE) // 8)
+        return SUCCESS
+
+    def mig_memory_used(self, g: dict[str, Any], inst: dict[str, Any]) -> int:
+        if inst["memory_used_bytes"] is not None:
+            return int(inst["memory_used_bytes"])
+        return sum(p["used_memory_bytes"] for p in g["processes"] if p.get("gpu_instance") == inst["gpu_instance"])
+
     # --- utilisation, memory, thermals, power -----------------------------------------------------
 
     def nvmlDeviceGetUtilizationRates(self, handle: Any, out: Any) -> int:
         rc, g = self._dev(handle, "utilization_gpu_ratio")
         if g is None:
             return rc
+        if g["mig_mode"] == "enabled":
+            return ERROR_NOT_SUPPORTED  # as real drivers: no whole-GPU utilization in MIG mode
         if "utilization_memory_ratio" in g["unsupported"]:
             return ERROR_NOT_SUPPORTED
         util = out._obj
@@ -375,6 +547,15 @@ class FakeNvmlLib:
         return SUCCESS
 
     def nvmlDeviceGetMemoryInfo(self, handle: Any, out: Any) -> int:
+        rc, parent, inst = self._mig(handle)
+        if parent is not None and inst is not None:
+            mem = out._obj
+            mem.total = inst["memory_total_bytes"]
+            mem.used = min(mem.total, self.mig_memory_used(parent, inst))
+            mem.free = mem.total - mem.used
+            return SUCCESS
+        if rc != SUCCESS:
+            return rc
         rc, g = self._dev(handle, "memory_used_bytes")
         if g is None:
             return rc
@@ -430,15 +611,120 @@ class FakeNvmlLib:
             return rc
         arr = values._obj
         now_us = int(time.time() * 1e6)
+        self.settle_counters(g)
+        if self._old_driver and any(arr[i].fieldId >= _FI_OLD_DRIVER_MAX for i in range(count.value)):
+            return ERROR_INVALID_ARGUMENT  # this model's pre-R520 driver: an unknown id fails the batch
         for i in range(count.value):
             fv = arr[i]
             fv.timestamp = now_us
-            if fv.fieldId == _FI_DEV_MEMORY_TEMP and "temperature_memory_celsius" not in g["unsupported"]:
-                fv.valueType = 1  # NVML_VALUE_TYPE_UNSIGNED_INT
-                fv.value.uiVal = max(0, round(g["temperature_memory_celsius"]))
-                fv.nvmlReturn = SUCCESS
-            else:
-                fv.nvmlReturn = ERROR_NOT_SUPPORTED
+            rc, value_type, value = self._field(g, fv.fieldId, fv.scopeId)
+            fv.nvmlReturn = rc
+            if rc == SUCCESS:
+                fv.valueType = value_type
+                if value_type == _VT_ULL:
+                    fv.value.ullVal = value
+                else:
+                    fv.value.uiVal = value
+        return SUCCESS
+
+    def _field(self, g: dict[str, Any], fid: int, scope: int) -> tuple[int, int, int]:
+        """(return code, value type, value) of one field value."""
+        unsupported = g["unsupported"]
+        arch = ARCHITECTURES[g["architecture"]]
+        if fid == _FI_DEV_MEMORY_TEMP:
+            if "temperature_memory_celsius" in unsupported:
+                return ERROR_NOT_SUPPORTED, 0, 0
+            return SUCCESS, _VT_UINT, max(0, round(g["temperature_memory_celsius"]))
+        if fid == pynvml.NVML_FI_DEV_PCIE_REPLAY_COUNTER:
+            if "pcie_replay_errors" in unsupported:
+                return ERROR_NOT_SUPPORTED, 0, 0
+            return SUCCESS, _VT_ULL, g["pcie_replay_errors"]
+        if fid in _FI_PCIE:
+            if "pcie_errors" in unsupported:
+                return ERROR_NOT_SUPPORTED, 0, 0
+            return SUCCESS, _VT_ULL, g["pcie_errors"].get(_FI_PCIE[fid], 0)
+        if fid in _FI_THROTTLE:
+            if "throttle_seconds" in unsupported:
+                return ERROR_NOT_SUPPORTED, 0, 0
+            return SUCCESS, _VT_ULL, round(g["throttle_seconds"].get(_FI_THROTTLE[fid], 0.0) * 1e9)
+        if fid == pynvml.NVML_FI_DEV_GET_GPU_RECOVERY_ACTION:
+            if "recovery_action" in unsupported:
+                return ERROR_NOT_SUPPORTED, 0, 0
+            return SUCCESS, _VT_UINT, RECOVERY_ACTION_NAMES[g["recovery_action"]]
+        # NVLink. The ids scoped by link exist from Ampere on in this model; older boards answer only
+        # the per-link ids of the older API (links 0..11) and the per-link state call.
+        links = g["nvlink_links"]
+        if fid in _FI_NVLINK_LEGACY:
+            error, link = _FI_NVLINK_LEGACY[fid]
+            if not links or "nvlink_errors" in unsupported or (error == "crc_data" and arch >= 9):
+                return ERROR_NOT_SUPPORTED, 0, 0
+            if link >= links:
+                return ERROR_INVALID_ARGUMENT, 0, 0
+            return SUCCESS, _VT_ULL, int(g["nvlink_errors"].get(link, {}).get(error, 0))
+        scoped = fid == pynvml.NVML_FI_DEV_NVLINK_GET_STATE or fid in _FI_NVLINK_SCOPED or fid in _FI_NVLINK_BYTES
+        if not scoped:
+            return ERROR_NOT_SUPPORTED, 0, 0
+        family = ("nvlink" if fid == pynvml.NVML_FI_DEV_NVLINK_GET_STATE else
+                  "nvlink_errors" if fid in _FI_NVLINK_SCOPED else "nvlink_bytes")
+        if not links or arch < 7 or family in unsupported:
+            return ERROR_NOT_SUPPORTED, 0, 0
+        if scope >= links:
+            return ERROR_INVALID_ARGUMENT, 0, 0
+        if fid == pynvml.NVML_FI_DEV_NVLINK_GET_STATE:
+            down = scope in g["nvlink_links_down"]
+            return SUCCESS, _VT_UINT, pynvml.NVML_NVLINK_STATE_INACTIVE if down else pynvml.NVML_NVLINK_STATE_ACTIVE
+        if fid in _FI_NVLINK_SCOPED:
+            return SUCCESS, _VT_ULL, int(g["nvlink_errors"].get(scope, {}).get(_FI_NVLINK_SCOPED[fid], 0))
+        moved = g["_nvlink_bytes"].get(scope, {}).get(_FI_NVLINK_BYTES[fid], 0.0)
+        return SUCCESS, _VT_ULL, int(moved // 1024)  # KiB
+
+    def nvmlDeviceGetNvLinkState(self, handle: Any, link: Any, out: Any) -> int:
+        rc, g = self._dev(handle, "nvlink")
+        if g is None:
+            return rc
+        link = getattr(link, "value", link)
+        if not g["nvlink_links"]:
+            return ERROR_NOT_SUPPORTED
+        if not 0 <= link < g["nvlink_links"]:
+            return ERROR_INVALID_ARGUMENT
+        out._obj.value = 0 if link in g["nvlink_links_down"] else 1
+        return SUCCESS
+
+    # --- PCIe link --------------------------------------------------------------------------------
+
+    def _pcie_link(self, handle: Any, out: Any, key: str) -> int:
+        rc, g = self._dev(handle, key)
+        if g is None:
+            return rc
+        out._obj.value = g[key]
+        return SUCCESS
+
+    def nvmlDeviceGetCurrPcieLinkGeneration(self, handle: Any, out: Any) -> int:
+        return self._pcie_link(handle, out, "pcie_link_generation")
+
+    def nvmlDeviceGetMaxPcieLinkGeneration(self, handle: Any, out: Any) -> int:
+        return self._pcie_link(handle, out, "pcie_link_generation_max")
+
+    def nvmlDeviceGetGpuMaxPcieLinkGeneration(self, handle: Any, out: Any) -> int:
+        return self._pcie_link(handle, out, "pcie_link_generation_device_max")
+
+    def nvmlDeviceGetCurrPcieLinkWidth(self, handle: Any, out: Any) -> int:
+        return self._pcie_link(handle, out, "pcie_link_width_lanes")
+
+    def nvmlDeviceGetMaxPcieLinkWidth(self, handle: Any, out: Any) -> int:
+        return self._pcie_link(handle, out, "pcie_link_width_max_lanes")
+
+    def nvmlDeviceGetViolationStatus(self, handle: Any, policy: Any, out: Any) -> int:
+        rc, g = self._dev(handle, "throttle_seconds")
+        if g is None:
+            return rc
+        policy = getattr(policy, "value", policy)
+        fid = pynvml.NVML_FI_DEV_PERF_POLICY_POWER + (policy if policy < 10 else policy - 4)  # 10, 11 -> 80, 81
+        if fid not in _FI_THROTTLE:
+            return ERROR_INVALID_ARGUMENT
+        self.settle_counters(g)
+        out._obj.referenceTime = int(time.time() * 1e6)
+        out._obj.violationTime = round(g["throttle_seconds"].get(_FI_THROTTLE[fid], 0.0) * 1e9)
         return SUCCESS
 
     def nvmlDeviceGetPowerUsage(self, handle: Any, out: Any) -> int:
@@ -625,7 +911,9 @@ class FakeNvmlLib:
             info = infos[i]
             info.pid = p["pid"]
             info.usedGpuMemory = p["used_memory_bytes"]
-            info.gpuInstanceId = info.computeInstanceId = 0xFFFFFFFF
+            mig = g["mig_mode"] == "enabled" and p.get("gpu_instance") is not None
+            info.gpuInstanceId = p["gpu_instance"] if mig else 0xFFFFFFFF
+            info.computeInstanceId = (p.get("compute_instance") or 0) if mig else 0xFFFFFFFF
         return SUCCESS
 
     def nvmlDeviceGetComputeRunningProcesses_v3(self, handle: Any, count: Any, infos: Any) -> int:
@@ -651,6 +939,8 @@ class FakeNvmlLib:
         rc, g = self._dev(handle, "process_sm_utilization_ratio")
         if g is None:
             return rc
+        if g["mig_mode"] == "enabled":
+            return ERROR_NOT_SUPPORTED
         procs = [p for p in g["processes"] if p["sm_utilization_ratio"] is not None]
         if not procs:
             return ERROR_NOT_FOUND  # what NVML answers when it has no samples
@@ -755,12 +1045,27 @@ class FakeNvmlLib:
         rc, g = self._dev(handle, "gpm_ratios")
         if g is None:
             return rc
-        if ARCHITECTURES[g["architecture"]] < 9:
-            return ERROR_NOT_SUPPORTED
+        if ARCHITECTURES[g["architecture"]] < 9 or g["mig_mode"] == "enabled":
+            return ERROR_NOT_SUPPORTED  # in MIG mode GPM is per GPU instance (nvmlGpmMigSampleGet)
         sid = _addr(sample) - _GPM_BASE
         if sid not in self._gpm_samples:
             return ERROR_INVALID_ARGUMENT
-        self._gpm_samples[sid] = (_addr(handle) - _DEV_BASE, self.now)
+        self._gpm_samples[sid] = (_addr(handle) - _DEV_BASE, self.now, None)
+        return SUCCESS
+
+    def nvmlGpmMigSampleGet(self, handle: Any, gpu_instance: Any, sample: Any) -> int:
+        rc, g = self._dev(handle, "gpm_ratios")
+        if g is None:
+            return rc
+        gi = getattr(gpu_instance, "value", gpu_instance)
+        if ARCHITECTURES[g["architecture"]] < 9 or g["mig_mode"] != "enabled":
+            return ERROR_NOT_SUPPORTED
+        if not any(m["gpu_instance"] == gi for m in g["mig_instances"]):
+            return ERROR_NOT_FOUND
+        sid = _addr(sample) - _GPM_BASE
+        if sid not in self._gpm_samples:
+            return ERROR_INVALID_ARGUMENT
+        self._gpm_samples[sid] = (_addr(handle) - _DEV_BASE, self.now, gi)
         return SUCCESS
 
     def nvmlGpmMetricsGet(self, metrics_get: Any) -> int:
@@ -768,16 +1073,19 @@ class FakeNvmlLib:
         mg = metrics_get._obj
         s1 = self._gpm_samples.get(_addr(mg.sample1) - _GPM_BASE)
         s2 = self._gpm_samples.get(_addr(mg.sample2) - _GPM_BASE)
-        if s1 is None or s2 is None or s1[0] != s2[0]:
+        if s1 is None or s2 is None or s1[0] != s2[0] or s1[2] != s2[2]:
             return ERROR_INVALID_ARGUMENT
         g = self.gpus[s2[0]]
+        ratios = g["gpm_ratios"]
+        if s2[2] is not None:  # a MIG GPU instance
+            ratios = next((m["gpm_ratios"] for m in g["mig_instances"] if m["gpu_instance"] == s2[2]), {})
         for i in range(mg.numMetrics):
             m = mg.metrics[i]
             name = _GPM_IDS.get(m.metricId)
             if name is None:
                 m.nvmlReturn = ERROR_NOT_SUPPORTED
                 continue
-            m.value = g["gpm_ratios"].get(name, 0.0) * 100.0
+            m.value = ratios.get(name, 0.0) * 100.0
             m.nvmlReturn = SUCCESS
         return SUCCESS
 
@@ -787,11 +1095,13 @@ def _set_ptr_field(event_data: Any, value: int) -> None:
     _VOID_P.from_buffer(event_data).value = value
 
 
-def _plain(method: Callable[..., Any]) -> Callable[..., Any]:
-    """Wrap a bound method in a plain function so callers can set attributes (``fn.restype``)."""
+def _plain(method: Callable[..., Any], name: str, calls: Counter[str]) -> Callable[..., Any]:
+    """Wrap a bound method in a plain function so callers can set attributes (``fn.restype``); count
+    each call."""
 
     def fn(*args: Any) -> Any:
+        calls[name] += 1
         return method(*args)
 
-    fn.__name__ = getattr(method, "__name__", "nvml")
+    fn.__name__ = name
     return fn

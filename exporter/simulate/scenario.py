@@ -21,6 +21,7 @@ from typing import Any
 
 import yaml
 
+from exporter.nvml.field_values import NVLINK_ERRORS, PCIE_ERROR_FIELDS, RECOVERY_ACTIONS, THROTTLE_FIELDS
 from exporter.nvml.fields import CLOCK_EVENT_REASONS
 
 
@@ -37,6 +38,12 @@ ARCHITECTURES = {
 THRESHOLDS = ("slowdown", "shutdown", "gpu_max", "memory_max")
 CLOCKS = ("graphics", "sm", "memory")
 GPM_METRICS = ("sm_active", "tensor_active", "dram_bandwidth")
+PCIE_ERRORS = tuple(PCIE_ERROR_FIELDS)
+THROTTLE_REASONS = tuple(THROTTLE_FIELDS)
+RECOVERY_ACTION_NAMES = {name: code for code, name in RECOVERY_ACTIONS.items()}
+MAX_NVLINKS = 36  # NVML_NVLINK_MAX_LINKS
+MAX_MIG_DEVICES = 7
+MIG_ARCHITECTURE_MIN = 7  # MIG exists from Ampere (A100/A30) on
 # Error kinds a scenario can make NVML answer with, and the NVML return code for each.
 ERROR_CODES = {
     "gpu_lost": 15,  # NVML_ERROR_GPU_IS_LOST
@@ -61,6 +68,9 @@ UNSUPPORTABLE = frozenset({
     "remapped_rows", "remapped_rows_pending", "remapped_rows_failure",
     "gpm_ratios", "xid_errors", "processes", "process_sm_utilization_ratio",
     "serial", "vbios_version", "mig_mode",
+    "nvlink", "nvlink_errors", "nvlink_bytes", "pcie_link_generation", "pcie_link_generation_max",
+    "pcie_link_generation_device_max", "pcie_link_width_lanes", "pcie_link_width_max_lanes", "pcie_errors",
+    "throttle_seconds", "recovery_action", "mig",
 })
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(B|KB|MB|GB|TB|KiB|MiB|GiB|TiB)?\s*$")
@@ -139,7 +149,7 @@ def _construct(node: yaml.Node, path: tuple[Any, ...], marks: dict[tuple[Any, ..
                     merged.append(value)
                 continue
             key = _scalar(knode) if isinstance(knode, yaml.ScalarNode) else None
-            if not isinstance(key, str):
+            if not isinstance(key, str | int) or isinstance(key, bool):  # int: NVLink link indexes
                 raise ScenarioError(f"{source}, line {knode.start_mark.line + 1}: keys must be strings")
             if key in out:
                 raise ScenarioError(f"{source}, line {knode.start_mark.line + 1}: {_fmt_path((*path, key))}: "
@@ -268,13 +278,19 @@ _FLOAT_FIELDS = ("temperature_gpu_celsius", "temperature_memory_celsius", "power
                  "pcie_rx_bytes_per_second")
 _INT_FIELDS = ("performance_state", "pcie_replay_errors")
 _BOOL_FIELDS = ("retired_pages_pending", "remapped_rows_pending", "remapped_rows_failure")
+_PCIE_LINK_FIELDS = {  # field -> highest value
+    "pcie_link_generation": 6, "pcie_link_generation_max": 6, "pcie_link_generation_device_max": 6,
+    "pcie_link_width_lanes": 32, "pcie_link_width_max_lanes": 32,
+}
 _STR_FIELDS = ("name", "uuid", "serial", "pci_bus_id", "vbios_version")
 # Fields a `ramp` may move linearly.
 RAMPABLE = frozenset(_RATIO_FIELDS + _BYTES_FIELDS + _FLOAT_FIELDS + _INT_FIELDS)
 # Fields `set` may change after start (identity stays fixed: it is what the exporter keys on).
-SETTABLE = frozenset(RAMPABLE | set(_BOOL_FIELDS) | {
+SETTABLE = frozenset(RAMPABLE | set(_BOOL_FIELDS) | set(_PCIE_LINK_FIELDS) | {
     "temperature_thresholds_celsius", "clocks_mhz", "clocks_max_mhz", "clock_event_reasons",
     "ecc_errors", "retired_pages", "remapped_rows", "gpm_ratios", "mig_mode", "processes",
+    "pcie_errors", "nvlink_links", "nvlink_links_down", "nvlink_errors", "nvlink_error_rates",
+    "nvlink_bytes_per_second", "throttle_seconds", "recovery_action", "mig_instances",
 })
 _GPU_KEYS = frozenset(SETTABLE | set(_STR_FIELDS) | {"architecture", "unsupported"})
 
@@ -310,6 +326,27 @@ _DEFAULTS: dict[str, Any] = {
     "remapped_rows_failure": False,
     "gpm_ratios": {"sm_active": 0.0, "tensor_active": 0.0, "dram_bandwidth": 0.0},
     "processes": [],
+    # PCIe link: an H100 SXM's Gen5 x16 in a Gen5 slot.
+    "pcie_link_generation": 5,
+    "pcie_link_generation_max": 5,
+    "pcie_link_generation_device_max": 5,
+    "pcie_link_width_lanes": 16,
+    "pcie_link_width_max_lanes": 16,
+    "pcie_errors": {},  # name -> count (absent names count 0)
+    # NVLink: how many links the board has (0: none), which are down, absolute error counters
+    # {link: {error: n}}, error rates {link: {error: per second}} and data rates {tx, rx} per up link,
+    # both accumulated on the scenario clock.
+    "nvlink_links": 0,
+    "nvlink_links_down": [],
+    "nvlink_errors": {},
+    "nvlink_error_rates": {},
+    "nvlink_bytes_per_second": {"tx": 0.0, "rx": 0.0},
+    # Throttle time: a starting offset per reason; it grows while a matching clock-event reason is set.
+    "throttle_seconds": {},
+    "recovery_action": "none",
+    # MIG devices (used while mig_mode is enabled): [{gpu_instance, compute_instance, profile,
+    # memory_total_bytes, memory_used_bytes (null: its processes' sum), gpm_ratios}].
+    "mig_instances": [],
 }
 
 
@@ -412,6 +449,50 @@ def _field_value(ctx: _Ctx, path: tuple[Any, ...], key: str, value: Any) -> Any:
         if value not in ("enabled", "disabled"):
             raise ctx.fail(path, f"expected `enabled` or `disabled`, got {value!r}")
         return value
+    if key in _PCIE_LINK_FIELDS:
+        return _int(ctx, path, value, lo=1, hi=_PCIE_LINK_FIELDS[key])
+    if key == "pcie_errors":
+        d = _mapping(ctx, path, value, set(PCIE_ERRORS))
+        return {k: _int(ctx, (*path, k), v, lo=0) for k, v in d.items()}
+    if key == "nvlink_links":
+        return _int(ctx, path, value, lo=0, hi=MAX_NVLINKS)
+    if key == "nvlink_links_down":
+        if not isinstance(value, list):
+            raise ctx.fail(path, "expected a list of link indexes")
+        return sorted({_int(ctx, (*path, i), v, lo=0, hi=MAX_NVLINKS - 1) for i, v in enumerate(value)})
+    if key in ("nvlink_errors", "nvlink_error_rates"):
+        if not isinstance(value, Mapping):
+            raise ctx.fail(path, f"expected a mapping of link index -> {{{', '.join(NVLINK_ERRORS)}}}")
+        out_links: dict[int, dict[str, float]] = {}
+        for link, counters in value.items():
+            lpath = (*path, link)
+            index = _int(ctx, lpath, int(link) if isinstance(link, str) and link.isdigit() else link,
+                         lo=0, hi=MAX_NVLINKS - 1)
+            c = _mapping(ctx, lpath, counters, set(NVLINK_ERRORS))
+            out_links[index] = {k: (_int(ctx, (*lpath, k), v, lo=0) if key == "nvlink_errors"
+                                    else _num(ctx, (*lpath, k), v, lo=0)) for k, v in c.items()}
+        return out_links
+    if key == "nvlink_bytes_per_second":
+        d = _mapping(ctx, path, value, {"tx", "rx"})
+        return {k: _num(ctx, (*path, k), v, lo=0) for k, v in d.items()}
+    if key == "throttle_seconds":
+        d = _mapping(ctx, path, value, set(THROTTLE_REASONS))
+        return {k: _num(ctx, (*path, k), v, lo=0) for k, v in d.items()}
+    if key == "recovery_action":
+        if value not in RECOVERY_ACTION_NAMES:
+            raise ctx.fail(path, f"expected one of {', '.join(RECOVERY_ACTION_NAMES)}, got {value!r}")
+        return value
+    if key == "mig_instances":
+        if not isinstance(value, list) or len(value) > MAX_MIG_DEVICES:
+            raise ctx.fail(path, f"expected a list of at most {MAX_MIG_DEVICES} MIG devices")
+        instances = [_mig_instance(ctx, (*path, i), m) for i, m in enumerate(value)]
+        seen_ids: set[tuple[int, int]] = set()
+        for i, m in enumerate(instances):
+            ids = (m["gpu_instance"], m["compute_instance"])
+            if ids in seen_ids:
+                raise ctx.fail((*path, i), f"GPU instance {ids[0]} / compute instance {ids[1]} listed twice")
+            seen_ids.add(ids)
+        return instances
     if key == "processes":
         if not isinstance(value, list):
             raise ctx.fail(path, "expected a list of processes ({pid, type, used_memory_bytes, ...})")
@@ -426,9 +507,23 @@ def _field_value(ctx: _Ctx, path: tuple[Any, ...], key: str, value: Any) -> Any:
     raise ctx.fail(path, f"unknown field {key!r}")
 
 
+def _mig_instance(ctx: _Ctx, path: tuple[Any, ...], value: Any) -> dict[str, Any]:
+    d = _mapping(ctx, path, value, {"gpu_instance", "compute_instance", "profile", "memory_total_bytes",
+                                    "memory_used_bytes", "gpm_ratios"}, required={"gpu_instance", "profile"})
+    used = d.get("memory_used_bytes")
+    return {
+        "gpu_instance": _int(ctx, (*path, "gpu_instance"), d["gpu_instance"], lo=0, hi=64),
+        "compute_instance": _int(ctx, (*path, "compute_instance"), d.get("compute_instance", 0), lo=0, hi=64),
+        "profile": _str(ctx, (*path, "profile"), d["profile"]),
+        "memory_total_bytes": _bytes(ctx, (*path, "memory_total_bytes"), d.get("memory_total_bytes", "10GiB")),
+        "memory_used_bytes": None if used is None else _bytes(ctx, (*path, "memory_used_bytes"), used),
+        "gpm_ratios": _field_value(ctx, (*path, "gpm_ratios"), "gpm_ratios", d.get("gpm_ratios", {})),
+    }
+
+
 def _process(ctx: _Ctx, path: tuple[Any, ...], value: Any) -> dict[str, Any]:
-    d = _mapping(ctx, path, value, {"pid", "type", "used_memory_bytes", "sm_utilization_ratio", "name"},
-                 required={"pid"})
+    d = _mapping(ctx, path, value, {"pid", "type", "used_memory_bytes", "sm_utilization_ratio", "name",
+                                    "gpu_instance", "compute_instance"}, required={"pid"})
     ptype = d.get("type", "compute")
     if ptype not in ("compute", "graphics"):
         raise ctx.fail((*path, "type"), f"expected `compute` or `graphics`, got {ptype!r}")
@@ -440,6 +535,10 @@ def _process(ctx: _Ctx, path: tuple[Any, ...], value: Any) -> dict[str, Any]:
         "sm_utilization_ratio": None if sm is None else
         _num(ctx, (*path, "sm_utilization_ratio"), sm, lo=0, hi=1, what="a ratio between 0 and 1"),
         "name": _str(ctx, (*path, "name"), d.get("name", f"python{d['pid']}")),
+        "gpu_instance": None if d.get("gpu_instance") is None else
+        _int(ctx, (*path, "gpu_instance"), d["gpu_instance"], lo=0, hi=64),
+        "compute_instance": None if d.get("compute_instance") is None else
+        _int(ctx, (*path, "compute_instance"), d["compute_instance"], lo=0, hi=64),
     }
 
 
@@ -457,7 +556,7 @@ def _unsupported(ctx: _Ctx, path: tuple[Any, ...], value: Any) -> frozenset[str]
 
 _EVENT_KEYS = frozenset({"gpu", "set", "ramp", "duration_seconds", "xid", "lost", "present", "error",
                          "unsupported", "supported", "add_process", "remove_process", "add_ecc_errors",
-                         "nvml_delay_seconds", "nvml_init_error"})
+                         "add_nvlink_errors", "nvml_delay_seconds", "nvml_init_error"})
 _GLOBAL_ACTIONS = frozenset({"nvml_delay_seconds", "nvml_init_error"})
 
 
@@ -522,6 +621,9 @@ def validate_event(event: Any, gpu_count: int, ctx: _Ctx | None = None,
     if "add_ecc_errors" in ev:
         d = _mapping(ctx, (*path, "add_ecc_errors"), ev["add_ecc_errors"], {"corrected", "uncorrected"})
         out["add_ecc_errors"] = {k: _int(ctx, (*path, "add_ecc_errors", k), v, lo=0) for k, v in d.items()}
+    if "add_nvlink_errors" in ev:
+        out["add_nvlink_errors"] = _field_value(ctx, (*path, "add_nvlink_errors"), "nvlink_errors",
+                                                ev["add_nvlink_errors"])
     if "nvml_delay_seconds" in ev:
         out["nvml_delay_seconds"] = _num(ctx, (*path, "nvml_delay_seconds"), ev["nvml_delay_seconds"], lo=0, hi=600)
     return out
