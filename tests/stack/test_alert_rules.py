@@ -260,9 +260,14 @@ def test_inhibitions_on_a_live_alertmanager(log_dir: Path) -> None:
              "job": "gpu-exporter"}
     hot_stale = {"alertname": "GpuTemperatureHigh", "severity": "warning", "gpu": "0", "host": "n2",
                  "instance": "n2:9835", "job": "gpu-exporter"}
-    expect_suppressed = [hot_on_lost, hot_warn, refused, hot_stale]
+    # The driver wants GPU 3 reset: its XID and NVLink alerts are symptoms of that, not news.
+    reset = {"alertname": "GpuRecoveryActionRequired", "severity": "critical", "gpu": "3", "action": "gpu_reset",
+             **common}
+    xid_on_reset = {"alertname": "GpuXidHardwareError", "severity": "critical", "gpu": "3", "xid": "48", **common}
+    link_on_reset = {"alertname": "GpuNvlinkDown", "severity": "warning", "gpu": "3", "link": "5", **common}
+    expect_suppressed = [hot_on_lost, hot_warn, refused, hot_stale, xid_on_reset, link_on_reset]
     expect_delivered = [("page", lost), ("page", xid), ("ticket", hot_other), ("page", hot_crit),
-                        ("page", expired), ("ticket", stale)]
+                        ("page", expired), ("ticket", stale), ("page", reset)]
 
     webhook = WebhookReceiver().start()
     try:
@@ -271,8 +276,8 @@ def test_inhibitions_on_a_live_alertmanager(log_dir: Path) -> None:
         am_proc, am = start_alertmanager(log_dir, cfg)
         try:
             # Sources first, so no target is ever notified before its inhibitor is known.
-            _post_alerts(am, [lost, xid, hot_crit, expired, stale])
-            _post_alerts(am, [hot_on_lost, hot_other, hot_warn, refused, hot_stale])
+            _post_alerts(am, [lost, xid, hot_crit, expired, stale, reset])
+            _post_alerts(am, [hot_on_lost, hot_other, hot_warn, refused, hot_stale, xid_on_reset, link_on_reset])
 
             def key(labels: dict[str, str]) -> tuple[tuple[str, str], ...]:
                 return tuple(sorted(labels.items()))
@@ -280,9 +285,9 @@ def test_inhibitions_on_a_live_alertmanager(log_dir: Path) -> None:
             def states() -> dict[tuple[tuple[str, str], ...], dict[str, Any]] | None:
                 status, text = http_get(am + "/api/v2/alerts")
                 got = {key(a["labels"]): a["status"] for a in json.loads(text)} if status == 200 else {}
-                return got if len(got) == 10 else None
+                return got if len(got) == 13 else None
 
-            got = wait_until(states, timeout=10, message="10 alerts in Alertmanager")
+            got = wait_until(states, timeout=10, message="13 alerts in Alertmanager")
             for labels in expect_suppressed:
                 assert got[key(labels)]["state"] == "suppressed" and got[key(labels)]["inhibitedBy"], labels
             for _, labels in expect_delivered:

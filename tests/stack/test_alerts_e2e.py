@@ -139,3 +139,45 @@ def test_expired_token_pages_with_job_rank_and_service(stack: AlertStack) -> Non
     t1 = time.monotonic()
     assert train.stop(signal.SIGTERM) in (0, -signal.SIGTERM), train.log()
     hook.wait_for_alert(expired, status="resolved", timeout=RESOLVE_TIMEOUT, since=t1)
+
+
+def test_pcie_downtrained_under_load_alerts_idle_generation_drop_does_not(stack: AlertStack) -> None:
+    hook = stack.webhook
+    # GPU 6 idles and lowers its link generation (power saving); GPU 7 is busy and retrains to Gen3 x8.
+    simulate(stack, {"gpu": 6, "set": {"utilization_gpu_ratio": 0.0, "pcie_link_generation": 1}})
+    t0 = simulate(stack, {"gpu": 7, "set": {"pcie_link_generation": 3, "pcie_link_width_lanes": 8}})
+    for degraded in ("width", "generation"):
+        match = labels_match(alertname="GpuPcieLinkDegraded", host=HOST, gpu="7", degraded=degraded)
+        note, alert = hook.wait_for_alert(match, timeout=FIRE_TIMEOUT, since=t0)
+        assert note.path == "/ticket" and alert["labels"]["severity"] == "warning"
+    # By now GPU 6's 1 s `for:` has long passed too, had its drop counted: it must not be in Alertmanager.
+    status, body = http_get(stack.alertmanager_url + "/api/v2/alerts?filter=" +
+                            urllib.parse.quote('alertname="GpuPcieLinkDegraded"'))
+    assert status == 200 and {a["labels"]["gpu"] for a in json.loads(body)} == {"7"}, body
+
+    t1 = simulate(stack, {"gpu": 7, "set": {"pcie_link_generation": 5, "pcie_link_width_lanes": 16}})
+    simulate(stack, {"gpu": 6, "set": {"utilization_gpu_ratio": 0.93, "pcie_link_generation": 5}})
+    hook.wait_for_alert(labels_match(alertname="GpuPcieLinkDegraded", gpu="7", degraded="width"),
+                        status="resolved", timeout=RESOLVE_TIMEOUT, since=t1)
+
+
+def test_recovery_action_pages_naming_it_and_silences_the_gpus_symptoms(stack: AlertStack) -> None:
+    hook = stack.webhook
+    # GPU 4: the driver asks for a reset; then its symptoms arrive (XID 48, NVLink link 2 down). The
+    # order matters only to make the test deterministic: in production both are evaluated together and
+    # Alertmanager's 30 s group_wait holds the XID until the inhibiting alert is there.
+    t0 = simulate(stack, {"gpu": 4, "set": {"recovery_action": "gpu_reset"}})
+    reset = labels_match(alertname="GpuRecoveryActionRequired", host=HOST, gpu="4", action="gpu_reset")
+    note, alert = hook.wait_for_alert(reset, timeout=FIRE_TIMEOUT, since=t0)
+    assert note.path == "/page" and alert["labels"]["severity"] == "critical"
+    assert "gpu_reset" in alert["annotations"]["description"]
+    simulate(stack, {"gpu": 4, "set": {"nvlink_links_down": [2]}})
+    simulate(stack, {"gpu": 4, "xid": 48})
+    for name in ("GpuXidHardwareError", "GpuNvlinkDown"):
+        held = am_alerts(stack, f'alertname="{name}"', 'gpu="4"')
+        assert held[0]["status"]["state"] == "suppressed" and held[0]["status"]["inhibitedBy"], held
+    assert not [a for n in hook.notifications() for a in n.alerts()
+                if a["labels"].get("gpu") == "4" and a["labels"]["alertname"] in ("GpuXidHardwareError", "GpuNvlinkDown")]
+
+    t1 = simulate(stack, {"gpu": 4, "set": {"recovery_action": "none", "nvlink_links_down": []}})  # reset done
+    hook.wait_for_alert(reset, status="resolved", timeout=RESOLVE_TIMEOUT, since=t1)
