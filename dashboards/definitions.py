@@ -124,6 +124,43 @@ def fleet() -> Json:
                    "{{host}} gpu {{gpu}} pending + failed"),
         ], unit="none", minimum=0, thr=ERROR_THRESHOLDS, links=[SERIES_GPU_LINK], w=8,
             description="Uncorrectable remapped rows; a pending remap needs a GPU reset, a failed one service."),
+        row("Links, throttle time and recovery"),
+        stat("GPUs asking for recovery", [
+            target(f'count(gpu_recovery_action{{{s}, action!="none"}}) or vector(0)', "GPUs"),
+        ], unit="none", thr=ERROR_THRESHOLDS,
+            description="GPUs whose driver asks for a reset, reboot or drain (the table below names the action)."),
+        stat("NVLink links down", [
+            target(f"count(gpu_nvlink_up{{{s}}} == 0 and on (host, gpu) "
+                   f"count by (host, gpu) (gpu_nvlink_up{{{s}}} == 1)) or vector(0)", "links"),
+        ], unit="none", thr=ERROR_THRESHOLDS,
+            description="Inactive links on GPUs whose other links are up (a board without NVLink bridges is left out)."),
+        stat("PCIe links degraded", [
+            target(f"count(gpu_pcie_link_width_lanes{{{s}}} < gpu_pcie_link_width_max_lanes{{{s}}}) or vector(0)",
+                   "narrow"),
+        ], unit="none", thr=thresholds((1, "orange")),
+            description="GPUs whose PCIe link trained narrower than the slot and card allow."),
+        table("Recovery actions requested", [target(f'gpu_recovery_action{{{s}, action!="none"}}', table=True)],
+              unit="none", thr=NO_THRESHOLDS, hide=("Time", "Value", "__name__"), links=[ROW_GPU_LINK], w=12,
+              h=4, description="What the driver asks for, per GPU. Click a row for the GPU detail dashboard."),
+        timeseries("NVLink errors per GPU", [
+            target(f"sum by (host, gpu) (rate(gpu_nvlink_errors_total{{{s}}}[$__rate_interval]))", GPU_LEGEND),
+        ], unit="short", minimum=0, thr=thresholds((1, "orange")), links=[SERIES_GPU_LINK], w=12,
+            description="CRC, replay and recovery errors per second over all links of each GPU."),
+        timeseries("Throttled time share", [
+            target(f'max by (host, gpu) (rate(gpu_clock_throttle_seconds_total{{{s}, reason=~"power|thermal|board_limit|reliability"}}[$__rate_interval]))',
+                   GPU_LEGEND),
+        ], unit="percentunit", minimum=0, maximum=1, thr=thresholds((0.3, "orange")), links=[SERIES_GPU_LINK],
+            w=12, description="Share of time each GPU's clocks were held down (largest reason), from NVML's "
+                              "cumulative throttle counters: every throttled millisecond, not a sample."),
+        row("MIG instances"),
+        table("MIG devices", [target(f"gpu_mig_info{{{s}}}", table=True)], unit="none", thr=NO_THRESHOLDS,
+              hide=("Time", "Value", "__name__"), links=[ROW_GPU_LINK], w=12,
+              description="GPU and compute instances of GPUs in MIG mode, with their profiles."),
+        timeseries("MIG instance memory used", [
+            target(f"gpu_mig_memory_used_bytes{{{s}}} / gpu_mig_memory_total_bytes{{{s}}}",
+                   "{{host}} gpu {{gpu}} instance {{gpu_instance}}"),
+        ], unit="percentunit", minimum=0, maximum=1, thr=thresholds((0.95, "orange")), links=[SERIES_GPU_LINK],
+            w=12, description="Memory used per MIG GPU instance, share of the instance (it cannot borrow more)."),
         row("Lists"),
         table("Firing alerts", [target('ALERTS{alertstate="firing", host=~"$host|"}', table=True)],
               unit="none", thr=NO_THRESHOLDS, hide=("Time", "Value", "__name__", "alertstate"), w=12),
@@ -153,6 +190,9 @@ def gpu_detail() -> Json:
              w=4),
         stat("Performance state", [target(f"gpu_performance_state{{{s}}}", "P-state")], unit="none",
              thr=thresholds((8, "orange")), w=4, description="P0 is full performance, P15 the lowest."),
+        stat("Recovery action", [target(f"gpu_recovery_action{{{s}}}", "{{action}}")], unit="none",
+             thr=NO_THRESHOLDS, w=24, h=3,
+             description="What the driver asks to be done to this GPU (none, gpu_reset, node_reboot, drain_p2p, ...)."),
         row("Clocks and throttling"),
         timeseries("Clocks", [
             target(f"gpu_clock_hertz{{{s}}}", "{{clock}}"),
@@ -161,6 +201,10 @@ def gpu_detail() -> Json:
         timeseries("Throttle reasons", [target(f"gpu_clock_event_active{{{s}}}", "{{reason}}")],
                    unit="none", minimum=0, maximum=1, stepped=True, thr=thresholds((1, "orange")),
                    description="1 while the clock-event reason is active (gpu_idle is harmless)."),
+        timeseries("Throttled time by reason", [
+            target(f"rate(gpu_clock_throttle_seconds_total{{{s}}}[$__rate_interval])", "{{reason}}"),
+        ], unit="percentunit", minimum=0, maximum=1, thr=thresholds((0.3, "orange")), w=24,
+            description="Share of time the clocks were held down, per reason, from NVML's cumulative counters."),
         row("Thermals, power and activity"),
         timeseries("Temperature against thresholds", [
             target(f"gpu_temperature_celsius{{{s}}}", "core"),
@@ -199,11 +243,36 @@ def gpu_detail() -> Json:
         timeseries("PCIe throughput", [
             target(f"gpu_pcie_tx_bytes_per_second{{{s}}}", "tx"),
             target(f"gpu_pcie_rx_bytes_per_second{{{s}}}", "rx"),
-        ], unit="Bps", minimum=0, thr=NO_THRESHOLDS),
-        timeseries("PCIe replays", [
+        ], unit="Bps", minimum=0, thr=NO_THRESHOLDS, w=6),
+        timeseries("PCIe link generation", [
+            target(f"gpu_pcie_link_generation{{{s}}}", "now"),
+            target(f"gpu_pcie_link_generation_max{{{s}}}", "max in this slot"),
+            target(f"gpu_pcie_link_generation_device_max{{{s}}}", "card max"),
+        ], unit="none", minimum=0, stepped=True, thr=NO_THRESHOLDS, w=6,
+            description="Idle GPUs lower their generation to save power; below max while busy is a fault."),
+        timeseries("PCIe link width", [
+            target(f"gpu_pcie_link_width_lanes{{{s}}}", "now"),
+            target(f"gpu_pcie_link_width_max_lanes{{{s}}}", "max"),
+        ], unit="none", minimum=0, stepped=True, thr=NO_THRESHOLDS, w=6,
+            description="Lanes; narrower than max is always a fault (riser, slot, cable)."),
+        timeseries("PCIe replays and errors", [
             target(f"increase(gpu_pcie_replay_errors_total{{{s}}}[$__rate_interval])", "replays"),
-        ], unit="none", minimum=0, thr=thresholds((1, "orange")),
-            description="Link-level retransmissions; a steady stream means a bad riser, slot or cable."),
+            target(f"increase(gpu_pcie_errors_total{{{s}}}[$__rate_interval])", "{{error}}"),
+        ], unit="none", minimum=0, thr=thresholds((1, "orange")), w=6,
+            description="Link-level retransmissions and error counters; a steady stream means a bad riser, slot or cable."),
+        row("NVLink"),
+        timeseries("NVLink links up", [target(f"gpu_nvlink_up{{{s}}}", "link {{link}}")], unit="none",
+                   minimum=0, maximum=1, stepped=True, thr=thresholds((1, "green"), base="red"), w=8,
+                   description="1 per active link; a link at 0 while the others are up is a fault."),
+        timeseries("NVLink errors", [
+            target(f"sum by (link, error) (rate(gpu_nvlink_errors_total{{{s}}}[$__rate_interval]))",
+                   "link {{link}} {{error}}"),
+        ], unit="short", minimum=0, thr=thresholds((1, "orange")), w=8,
+            description="CRC (flit, data), replay and recovery errors per second, per link."),
+        timeseries("NVLink throughput", [
+            target(f"sum(rate(gpu_nvlink_tx_bytes_total{{{s}}}[$__rate_interval]))", "tx, all links"),
+            target(f"sum(rate(gpu_nvlink_rx_bytes_total{{{s}}}[$__rate_interval]))", "rx, all links"),
+        ], unit="Bps", minimum=0, thr=NO_THRESHOLDS, w=8),
         row("ECC and XID history"),
         timeseries("ECC errors", [
             target(f"sum by (error_type, counter) (increase(gpu_ecc_errors_total{{{s}}}[$__rate_interval]))",

@@ -40,6 +40,8 @@ FAULT_GPU = "1"  # XID / ECC / remap / throttling land here; the GPU detail dash
 JOB_GPUS = ("1", "2")  # the two ranks' processes are placed on these simulated GPUs
 IDLE_GPU = "2"  # holds rank 1's process but is made idle: "idle but allocated"
 LOST_GPU = "5"  # XID 79 ("fallen off the bus") makes it lost: "GPUs down" in the fleet
+RECOVERY_GPU = 6  # its driver asks for a P2P drain: "Recovery actions requested" in the fleet
+MIG_GPU = 7  # switched into MIG mode with three instances: the fleet's MIG panels
 # The shipped rules, fast profile (same expressions, short `for:`): the alert panels read ALERTS.
 ALERT_RULES = REPO_ROOT / "alerts" / "fast" / "gpu-exporter.rules.yml"
 # The fleet roll-ups (one profile), which the Fleet roll-up dashboard reads.
@@ -153,6 +155,22 @@ class DashboardStack:
             "remapped_rows": {"correctable": 1, "uncorrectable": 2},
             "remapped_rows_pending": True,
             "clock_event_reasons": ["sw_power_cap", "hw_thermal_slowdown"],
+            # Link faults: NVLink link 3 down, link 4 taking CRC errors, the PCIe link down to Gen3 x8.
+            "nvlink_links_down": [3],
+            "nvlink_error_rates": {4: {"crc_flit": 50, "replay": 5}},
+            "pcie_link_generation": 3,
+            "pcie_link_width_lanes": 8,
+            "pcie_errors": {"correctable": 40},
+        }})
+        self._event({"gpu": RECOVERY_GPU, "set": {"recovery_action": "drain_p2p"}})
+        self._event({"gpu": MIG_GPU, "set": {
+            "mig_mode": "enabled",
+            "mig_instances": [
+                {"gpu_instance": gi, "compute_instance": 0, "profile": "2g.20gb", "memory_total_bytes": "20GiB",
+                 "gpm_ratios": {"sm_active": 0.5, "tensor_active": 0.3, "dram_bandwidth": 0.2}}
+                for gi in (3, 4, 5)],
+            "processes": [{"pid": 7700 + gi, "type": "compute", "used_memory_bytes": "12GiB", "gpu_instance": gi,
+                           "compute_instance": 0} for gi in (3, 4, 5)],
         }})
 
     def problems(self, window: Window) -> list[str]:

@@ -42,6 +42,31 @@ def test_every_panel_query_returns_data(log_dir: Path) -> None:
             expr, series = run(stack.prometheus, q, variables, window)
             peak = max((float(v) for s in series for _, v in s["values"]), default=0.0)
             assert peak > 0, f"GPU detail / {panel}: {expr} never above 0 after the injected fault"
+        # The link, recovery and MIG panels show the injected faults, not just "some data".
+        def last_values(dashboard: str, panel: str) -> dict[str, float]:
+            dash = load_dashboards()[dashboard]
+            variables = resolve_variables(stack.prometheus, dash, window, stack.prefer)
+            out: dict[str, float] = {}
+            for q in (q for q in iter_queries(dash) if q.panel == panel):
+                _, series = run(stack.prometheus, q, variables, window)
+                for s in series:
+                    value = s["values"][-1][1] if "values" in s else s["value"][1]
+                    labels = ",".join(f"{k}={v}" for k, v in sorted(s["metric"].items()) if k != "__name__")
+                    out[f"{labels},ref={q.ref}"] = float(value)
+            return out
+
+        links = last_values("gpu-detail.json", "NVLink links up")
+        assert len(links) == 18 and [k for k, v in links.items() if v == 0] == [
+            next(k for k in links if "link=3" in k.split(","))], links
+        assert any(v > 0 for k, v in last_values("gpu-detail.json", "NVLink errors").items()
+                   if "link=4" in k.split(","))
+        assert sorted(last_values("gpu-detail.json", "PCIe link width").values()) == [8.0, 16.0]
+        assert any({"action=drain_p2p", "gpu=6"} <= set(k.split(","))
+                   for k in last_values("fleet.json", "Recovery actions requested"))
+        assert list(last_values("fleet.json", "GPUs asking for recovery").values()) == [1.0]
+        mig = last_values("fleet.json", "MIG devices")
+        assert len(mig) == 3 and all({"gpu=7", "profile=2g.20gb"} <= set(k.split(",")) for k in mig), mig
+        assert sorted(last_values("fleet.json", "MIG instance memory used").values()) == pytest.approx([0.6] * 3)
         # The check can fail: a misspelled metric returns no data and a bad query is refused.
         q = Query("test", "typo", "A", 'gpu_utilisation_ratio{host=~"$host"}', False)
         assert run(stack.prometheus, q, {"host": HOST}, window)[1] == []
