@@ -3,7 +3,9 @@
 Run through ``benchmarks/gpu_check.sh`` (it installs the wheels the GPU machine lacks). In one run:
 
 1. **NVML vs nvidia-smi**: the exporter on real NVML, its values compared per GPU (by UUID) with
-   ``nvidia-smi --query-gpu`` within tolerances; the fields the card reports as unsupported.
+   ``nvidia-smi --query-gpu`` within tolerances; the fields the card reports as unsupported. Then the
+   PCIe link, NVLink state and error counters, throttle counters, recovery action and MIG devices
+   against ``nvidia-smi`` (``benchmarks/gpu_check_links.py``).
 2. **Hook adds no device synchronisation**: a CUDA training loop that itself never syncs, run with
    ``torch.cuda.set_sync_debug_mode("warn")``, with and without the hook: the hook must add zero
    synchronising-operation warnings; steps/s with and without the hook (medians, ratio).
@@ -32,6 +34,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+from benchmarks.gpu_check_links import check_links_vs_smi
 from harness.process import Child, free_port, parse_metrics, start_exporter
 
 REPO = Path(__file__).resolve().parent.parent
@@ -298,6 +301,7 @@ def main() -> int:
     try:
         for name, fn in (
             ("nvml_vs_nvidia_smi", lambda: check_nvml_vs_smi(exp)),
+            ("links_throttle_recovery_mig_vs_nvidia_smi", lambda: check_links_vs_smi(lambda: scrape(exp.base))),
             ("hook_sync_and_speed", lambda: check_hook_sync_and_speed(exp, args.steps, args.repeats)),
             ("real_oom", lambda: check_real_oom(exp, log_dir)),
             ("side_by_side_nvitop_exporter", lambda: check_side_by_side(exp, log_dir, args.scrapes)),
