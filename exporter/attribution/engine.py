@@ -112,10 +112,14 @@ class AttributionEngine:
         if self.kubelet is None:
             return ()
         by_index = {g.index: g.uuid for g in gpus}
+        # A MIG device's UUID -> its GPU's (NVML lists each GPU's MIG devices).
+        mig_parent = {m.uuid: g.uuid for g in gpus for m in g.mig_instances}
         found = []
         for a in self.kubelet.get(by_index):
             if a.uuid.startswith("MIG-GPU-"):  # old-style MIG id "MIG-GPU-<uuid>/<gi>/<ci>": its parent
                 a = dataclasses.replace(a, uuid=a.uuid[len("MIG-"):].split("/", 1)[0])
+            elif a.uuid in mig_parent:  # the device plugin's MIG-<uuid>; device_id keeps the MIG UUID
+                a = dataclasses.replace(a, uuid=mig_parent[a.uuid])
             found.append(a)
         return unique(found)
 

@@ -7,6 +7,7 @@ kubelet itself (see README, "Kubernetes attribution").
 
 from __future__ import annotations
 
+import dataclasses
 import filecmp
 import os
 import shutil
@@ -33,7 +34,7 @@ from exporter.attribution.kubelet import (
 )
 from exporter.attribution.kubelet_api import generate
 from exporter.collectors.attribution import AttributionCollector
-from exporter.snapshot import GpuAllocation, GpuProcess, GpuSample, NodeSnapshot
+from exporter.snapshot import GpuAllocation, GpuProcess, GpuSample, MigInstance, NodeSnapshot
 from harness.kubelet import Container, KubeletStandIn, Pod
 
 GPU0, GPU1, GPU2, GPU3 = (f"GPU-{i}aaaaaaa-bbbb-cccc-dddd-eeeeeeeeeeee" for i in range(4))
@@ -140,6 +141,20 @@ def test_allocation_info_per_gpu_including_gpus_without_processes(sock_dir: Path
 def make_proc(root: Path, pid: int, cgroup: str) -> None:
     (root / str(pid)).mkdir()
     (root / str(pid) / "cgroup").write_text(cgroup + "\n")
+
+
+def test_mig_devices_map_to_their_gpu(sock_dir: Path) -> None:
+    """A new-style MIG UUID from the device plugin lands on the GPU whose MIG devices NVML lists."""
+    snap = engine_snapshot()
+    gpus = list(snap.gpus)
+    gpus[1] = dataclasses.replace(gpus[1], mig_instances=(MigInstance(gpu_instance=1, compute_instance=0, uuid=MIG_NEW),))
+    with KubeletStandIn(sock_dir / "kubelet.sock", pods()) as kubelet:
+        engine = AttributionEngine(proc_root=sock_dir, kubelet=KubeletSource(PodResourcesClient(kubelet.socket_path)))
+        out = engine(dataclasses.replace(snap, gpus=tuple(gpus)))
+        engine.close()
+    info = {(s["gpu"], s["uuid"], s["device_id"], s["k8s_pod"]) for s, _ in metrics(engine, out)["gpu_allocation_info"]}
+    assert ("1", GPU1, MIG_NEW, "mig-0") in info
+    assert not any(uuid == MIG_NEW for _, uuid, _, _ in info)
 
 
 def test_names_reach_processes_only_when_unambiguous(sock_dir: Path, tmp_path: Path) -> None:
