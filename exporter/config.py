@@ -168,8 +168,8 @@ class Settings:
     log_level: str = setting("info", f"logging level: {', '.join(LOG_LEVELS)}", parse_log_level, "LEVEL")
     docker: str = setting(
         "auto",
-        "container attribution via the Docker engine: auto (when its socket exists), on, off "
-        "(auto without a socket still labels container ids from the cgroup)",
+        "container names from the Docker engine: auto (when its socket exists), on, off "
+        "(container ids come from the cgroup in every mode)",
         parse_docker_mode,
         "auto|on|off",
     )
