@@ -4,8 +4,8 @@ A reviewer without Grafana sees what each dashboard shows: one PNG per dashboard
 own grid layout (previews/<uid>.png). Queries are exactly the dashboard's (dashboards.live), with the
 template variables resolved from the live label values.
 
-    python -m scripts.render_dashboards                      # start exporter + sample workload + Prometheus
-    python -m scripts.render_dashboards --prometheus http://127.0.0.1:9090 --range 1h
+    .venv/bin/python -m scripts.render_dashboards            # start exporter + sample workload + Prometheus
+    .venv/bin/python -m scripts.render_dashboards --prometheus http://127.0.0.1:9090 --range 1h
 """
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Makes sure a Docker engine answers on this machine (the container-attribution tests and the compose
-# demo need one). CI machines and sandboxes often have no init system, so when `docker info` fails this
-# starts `dockerd` in the background itself, logging to $DOCKERD_LOG, and waits for it.
+# demo need one). Under systemd it starts docker.service. CI machines and sandboxes often have no init
+# system, so there, when `docker info` fails, it starts `dockerd` in the background itself, logging to
+# $DOCKERD_LOG, and waits for it.
 # If the default start fails (no iptables, overlay on overlay), it retries without networking features
 # the tests do not use (they run containers with --network host) and with the vfs storage driver.
 # Exit status: 0 when the engine answers, 1 (with the log's tail) when it cannot be started.
@@ -27,6 +28,17 @@ if engine_up; then echo "start-dockerd: Docker engine already running"; exit 0; 
 if ! command -v dockerd >/dev/null 2>&1; then
   echo "start-dockerd: dockerd is not installed (apt-get install docker.io)" >&2
   exit 1
+fi
+
+# Where systemd runs the machine, its docker.service is the engine (setup.sh keeps services from
+# starting during its apt-get install).
+if [ -d /run/systemd/system ] && $SUDO systemctl cat docker.service >/dev/null 2>&1; then
+  echo "start-dockerd: systemctl start docker"
+  if $SUDO systemctl start docker && for _ in $(seq 1 60); do engine_up && break; sleep 0.5; done && engine_up; then
+    echo "start-dockerd: Docker engine up (docker.service)"
+    exit 0
+  fi
+  echo "start-dockerd: docker.service did not come up (journalctl -u docker); starting dockerd by hand" >&2
 fi
 
 for flags in "" "--iptables=false --bridge=none --storage-driver=vfs"; do

@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
-# Sets up the machine (scripts/setup.sh) and runs every check: ruff, mypy, the whole pytest suite.
-# Extra arguments go to pytest (e.g. scripts/test.sh -k nvml).
+# Sets up the machine (scripts/setup.sh: Debian packages and the virtualenv .venv) and runs every check
+# with .venv's Python: ruff, mypy, the whole pytest suite. Extra arguments go to pytest, e.g.
+#   bash scripts/test.sh -k nvml
+#   bash scripts/test.sh -m 'not slow'      # the quick tests only
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-PY="${PYTHON:-python3}"
+PY=.venv/bin/python
 echo "== ruff"; "$PY" -m ruff check .
 echo "== mypy"; "$PY" -m mypy
 echo "== pytest"
