@@ -72,8 +72,8 @@ def test_without_root_or_sudo_names_the_packages_to_install_by_hand(shared_dir: 
     )
     assert result.returncode == 1 and result.stdout == "", result.stdout + result.stderr
     line = _one_line(result.stderr)
-    assert line.startswith("setup: needs root or sudo to install prometheus prometheus-alertmanager docker.io"), line
-    assert "apt-get install --no-install-recommends prometheus" in line, line
+    assert line.startswith("setup: needs root or sudo to install prometheus prometheus-alertmanager "), line
+    assert "(as root: apt-get install --no-install-recommends prometheus " in line and "docker.io" in line, line
 
 
 def test_a_failing_step_names_itself(tmp_path: Path) -> None:
