@@ -32,7 +32,8 @@ class Runtime:
     simulator: Any | None = None
     closers: list[Callable[[], None]] = field(default_factory=list)
     reader_close: Callable[[], None] | None = None
-    uvicorn_options: dict[str, Any] = field(default_factory=dict)  # TLS, connection limits
+    uvicorn_options: dict[str, Any] = field(default_factory=dict)  # TLS, connection limits, proxies
+    tls: bool = False
 
     def close(self) -> None:
         closers = self.closers
@@ -129,7 +130,11 @@ def _training_feature(settings: Settings, procfs: Any) -> tuple[Feature, Any]:
     from exporter.ingest.store import IngestStore
 
     store = IngestStore(
-        settings.training_ttl, settings.training_max_processes, max_jobs=settings.training_max_jobs
+        settings.training_ttl,
+        settings.training_max_processes,
+        max_jobs=settings.training_max_jobs,
+        max_series=settings.training_max_series,
+        max_series_per_process=settings.training_max_series_per_process,
     )
 
     def training_generation() -> int:
@@ -141,7 +146,7 @@ def _training_feature(settings: Settings, procfs: Any) -> tuple[Feature, Any]:
         enricher=TrainingJoin(lambda: [p.report for p in store.processes()], procfs),
         source=Source("training", TrainingCollector(store, settings.host_label), generation=training_generation),
         router=make_ingest_router(store),
-        status=lambda: {"processes": store.stats()[2]},
+        status=lambda: {"processes": store.stats()[2], "series": store.series},
     )
     return feature, store
 
@@ -192,7 +197,7 @@ def build(settings: Settings) -> Runtime:
         status_sections=status_sections,
         nvml_library=nvml_library,
     )
-    uvicorn_options = _add_access_control(app, settings, store.count_rejected, status_sections)
+    uvicorn_options, tls = _add_access_control(app, settings, store.count_rejected, status_sections)
     return Runtime(
         settings=settings,
         poller=poller,
@@ -201,22 +206,24 @@ def build(settings: Settings) -> Runtime:
         closers=[f.closer for f in features if f.closer is not None],
         reader_close=reader.close,
         uvicorn_options=uvicorn_options,
+        tls=tls,
     )
 
 
 def _add_access_control(
     app: Any, settings: Settings, on_reject: Callable[[str], None], status_sections: dict[str, Callable[[], Any]]
-) -> dict[str, Any]:
+) -> tuple[dict[str, Any], bool]:
     """Web-config (TLS, basic auth) and the ingest guard (token, rate limit, body limits).
 
-    Returns uvicorn keyword arguments: TLS, and the connection limits of exporter.web.http_limits. Raises ConfigError on an unusable
-    web-config file or token, so the exporter never serves with less protection than configured.
+    Returns uvicorn keyword arguments (the connection limits and TLS of exporter.web.http_limits, proxy
+    headers) and whether TLS is on. Raises ConfigError on an unusable web-config file or token, so the
+    exporter never serves with less protection than configured.
     """
     from exporter.hook.schema import MAX_BODY_BYTES
     from exporter.ingest.auth import IngestAuthenticator, IngestTokenError, load_ingest_token
     from exporter.ingest.guard import IngestGuardMiddleware, RateLimiter
     from exporter.web.basic_auth import BasicAuth, BasicAuthMiddleware
-    from exporter.web.webconfig import WebConfig, WebConfigError, load_web_config, uvicorn_ssl_kwargs
+    from exporter.web.webconfig import WebConfig, WebConfigError, load_web_config
 
     try:
         web = load_web_config(settings.web_config_file) if settings.web_config_file else WebConfig()
@@ -239,13 +246,20 @@ def _add_access_control(
         "basic_auth_users": len(web.basic_auth_users),
         "ingest_token_required": authenticator.token_required,
         "ingest_rate_limit_per_second": rate,
+        "trusted_proxies": list(settings.trusted_proxies),
     }
     if not web.basic_auth_users and settings.listen[0] not in ("127.0.0.1", "::1", "localhost"):
         log.info("/metrics is served without authentication on %s (see --web-config-file)", settings.listen[0])
     from exporter.web.http_limits import uvicorn_limits
 
-    # Bounded connections, request heads (size and read time) and bodies, TLS or not.
-    return {**uvicorn_limits(), **uvicorn_ssl_kwargs(web.tls)}
+    # Bounded connections (TLS handshakes included), request heads (size and read time) and bodies.
+    options = uvicorn_limits(settings.max_connections, web.tls.ssl_context() if web.tls is not None else None)
+    # X-Forwarded-For names the client only behind a proxy the operator listed: uvicorn would otherwise
+    # believe it from loopback (or from anyone with FORWARDED_ALLOW_IPS=*), letting a client pick the
+    # address that the loopback-only ingest policy and the per-client rate limit go by.
+    options["proxy_headers"] = bool(settings.trusted_proxies)
+    options["forwarded_allow_ips"] = list(settings.trusted_proxies)
+    return options, web.tls is not None
 
 
 def serve(runtime: Runtime) -> int:
@@ -277,9 +291,7 @@ def serve(runtime: Runtime) -> int:
         settings.summary()["listen"],
         settings.interval,
         f", simulating {settings.simulate}" if settings.simulate else "",
-        settings.listen_url.replace("http://", "https://")
-        if "ssl_certfile" in runtime.uvicorn_options
-        else settings.listen_url,
+        settings.listen_url.replace("http://", "https://") if runtime.tls else settings.listen_url,
     )
     try:
         server.run()

@@ -119,6 +119,20 @@ def parse_rate(raw: str) -> float:
     return value
 
 
+def parse_proxies(raw: str) -> tuple[str, ...]:
+    """Comma-separated IP addresses or networks (CIDR) of reverse proxies to trust; empty: none."""
+    out: list[str] = []
+    for part in raw.split(","):
+        part = part.strip()
+        if not part:
+            continue
+        try:
+            out.append(str(ipaddress.ip_network(part, strict=False)))
+        except ValueError:
+            raise ValueError(f"{part!r} is not an IP address or network (e.g. 10.0.0.5 or 10.0.0.0/24)") from None
+    return tuple(out)
+
+
 def parse_docker_mode(raw: str) -> str:
     mode = raw.strip().lower()
     if mode not in DOCKER_MODES:
@@ -205,6 +219,33 @@ class Settings:
     training_max_jobs: int = setting(
         64, "most distinct training jobs tracked at once (a new job beyond it is refused with 429)",
         parse_positive_int, "N",
+    )
+    # The series budget (exporter.ingest.store): ~2.3 MB of /metrics at 128-character labels, rendered
+    # in well under a second (benchmarks/series_budget.py), and with an 8-GPU node's own series still
+    # under the fleet agents' per-node sample_limit of 5,000 (deploy/fleet/agent.yml).
+    training_max_series: int = setting(
+        3_000,
+        "most series all training processes together may add to /metrics (a push past it gets 429 "
+        "series_budget; what was accepted stays)",
+        parse_positive_int, "N",
+    )
+    training_max_series_per_process: int | None = setting(
+        None,
+        "most series one training process may add to /metrics (default: the most one valid push can "
+        "produce, 154)",
+        parse_positive_int, "N",
+    )
+    max_connections: int = setting(
+        512,
+        "most open connections, TLS handshakes included; at the cap the longest-idle one is closed for a "
+        "new one (503 only when all are serving requests)",
+        parse_positive_int, "N",
+    )
+    trusted_proxies: tuple[str, ...] = setting(
+        (),
+        "reverse proxies (IPs or CIDR networks, comma-separated) whose X-Forwarded-For / X-Forwarded-Proto "
+        "are believed; default none: the TCP peer is the client",
+        parse_proxies, "ADDRS",
     )
     web_config_file: str | None = setting(
         None,
@@ -296,6 +337,8 @@ def build_arg_parser() -> argparse.ArgumentParser:
 def _show_default(value: Any) -> str:
     if isinstance(value, tuple) and len(value) == 2:
         return f"{value[0]}:{value[1]}"
+    if isinstance(value, tuple):
+        return ",".join(value) or "none"
     return "none" if value is None else str(value)
 
 

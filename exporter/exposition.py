@@ -58,6 +58,7 @@ class Source:
     # Filled by the renderer:
     last_success: bool = True
     last_duration_seconds: float = 0.0
+    last_series: int = 0  # samples (lines that are not comments) in its last rendering
     _cache: dict[str, tuple[object, bytes]] = field(default_factory=dict, repr=False)
 
 
@@ -221,6 +222,8 @@ class Exposition:
             body, ok = b"", False
         source.last_duration_seconds = time.perf_counter() - started
         source.last_success = ok
+        # Every line ends in "\n" and a comment starts one ("\n" inside a label value is escaped).
+        source.last_series = body.count(b"\n") - body.count(b"\n#") - body.startswith(b"#")
         if source.generation is not None:
             # One tuple swapped in: a concurrent reader sees the old or the new entry, never a mix.
             source._cache[fmt] = (key, body)

@@ -148,12 +148,21 @@ def counter_samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], 
     return out
 
 
-def rss_bytes(pid: int) -> int:
+def _status_bytes(pid: int, key: str) -> int:
     with open(f"/proc/{pid}/status", encoding="ascii") as fh:
         for line in fh:
-            if line.startswith("VmRSS:"):
+            if line.startswith(key + ":"):
                 return int(line.split()[1]) * 1024
-    raise RuntimeError(f"no VmRSS for pid {pid}")
+    raise RuntimeError(f"no {key} for pid {pid}")
+
+
+def rss_bytes(pid: int) -> int:
+    return _status_bytes(pid, "VmRSS")
+
+
+def vm_hwm_bytes(pid: int) -> int:
+    """Peak RSS (VmHWM) of a process so far."""
+    return _status_bytes(pid, "VmHWM")
 
 
 def open_fds(pid: int) -> int:

@@ -106,11 +106,18 @@ class ExporterHealthCollector(Collector):
             "Time this collector took to render on its last run",
             labels=["host", "collector"],
         )
+        series = GaugeMetricFamily(
+            "gpu_exporter_series",
+            "Series (samples) this collector put on /metrics at its last render",
+            labels=["host", "collector"],
+        )
         for source in sources:
             success.add_metric([host, source.name], 1.0 if source.last_success else 0.0)
             duration_by.add_metric([host, source.name], source.last_duration_seconds)
+            series.add_metric([host, source.name], float(source.last_series))
         yield success
         yield duration_by
+        yield series
 
     def describe(self) -> list[Metric]:
         return []

@@ -126,5 +126,17 @@ class TrainingCollector(Collector):
             "gpu_exporter_training_processes", "Training processes currently tracked", labels=["host"]
         )
         procs.add_metric([self._host], float(tracked))
-        out.extend([req, rej, procs])
+        series = GaugeMetricFamily(
+            "gpu_exporter_training_series",
+            "Series the tracked training processes add to /metrics (counted against the series budget)",
+            labels=["host"],
+        )
+        series.add_metric([self._host], float(self._store.series))
+        budget = GaugeMetricFamily(
+            "gpu_exporter_training_series_budget",
+            "Most series all training processes together may add (--training-max-series)",
+            labels=["host"],
+        )
+        budget.add_metric([self._host], float(self._store.max_series))
+        out.extend([req, rej, procs, series, budget])
         return out

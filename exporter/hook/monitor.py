@@ -4,6 +4,9 @@ Everything the training thread calls is O(1), allocation-light and bounded: a fe
 reads and additions under a lock that is never held across I/O (the sender thread only copies the
 fields under it). Nothing here raises into training code: every public method swallows and logs
 its own errors once.
+
+Every number or name a public call takes is checked first (exporter.hook.values): one bad argument is
+dropped and counted, and can never make every later push invalid.
 """
 
 from __future__ import annotations
@@ -21,7 +24,8 @@ from typing import Any
 from exporter.attribution.procfs import namespace_inode
 from exporter.hook import auth as _auth
 from exporter.hook import cuda as _cuda
-from exporter.hook.schema import FIGURES, MAX_LABEL_LENGTH, MAX_SERVICES, SCHEMA_VERSION
+from exporter.hook.schema import FIGURES, MAX_SERVICES, SCHEMA_VERSION
+from exporter.hook.values import CheckedInputs, drop_unsendable, label, status_label
 
 log = logging.getLogger("exporter.hook")
 
@@ -39,8 +43,7 @@ def _pid_namespace_inode() -> int | None:
         return None
 
 
-def _label(value: object) -> str:
-    return str(value)[:MAX_LABEL_LENGTH]
+_INF = math.inf
 
 
 class _StepContext:
@@ -66,7 +69,7 @@ class _StepContext:
         # never swallow the exception: the training code decides what an error means
 
 
-class Monitor:
+class Monitor(CheckedInputs):
     """Records one training process's progress; a sender thread ships it to the exporter.
 
     Create it with :func:`exporter.hook.start`. All methods are safe to call from the training thread
@@ -87,21 +90,24 @@ class Monitor:
         peak_flops: float | None = None,
     ) -> None:
         env = os.environ
-        self.job = _label(job)
+        self._lock = threading.Lock()
+        self._warned: set[str] = set()
+        self.job = label(job) or "python"  # the exporter requires a job name
         # srun without torchrun sets only SLURM_PROCID: it is the rank then.
-        self.rank = _label(rank if rank is not None else env.get("RANK", env.get("SLURM_PROCID", "0")))
+        self.rank = label(rank if rank is not None else env.get("RANK", env.get("SLURM_PROCID", "0")))
         # Sent only under Slurm, so a push outside Slurm is unchanged (exporter.attribution joins it).
-        self.slurm = {k: _label(env[v]) for k, v in (("slurm_job", "SLURM_JOB_ID"), ("slurm_procid", "SLURM_PROCID")) if v in env}
-        self.local_rank = _label(local_rank if local_rank is not None else env.get("LOCAL_RANK", "0"))
-        self.world_size = _label(world_size if world_size is not None else env.get("WORLD_SIZE", "1"))
-        self.framework = _label(framework)
+        self.slurm = {k: label(env[v]) for k, v in (("slurm_job", "SLURM_JOB_ID"), ("slurm_procid", "SLURM_PROCID")) if v in env}
+        self.local_rank = label(local_rank if local_rank is not None else env.get("LOCAL_RANK", "0"))
+        self.world_size = label(world_size if world_size is not None else env.get("WORLD_SIZE", "1"))
+        self.framework = label(framework)
         self.pid = os.getpid()
         self.pid_namespace_inode = _pid_namespace_inode()
-        self.hostname = _label(socket.gethostname())
+        self.hostname = label(socket.gethostname())
         self.start_time = time.time()
         self.loss_every = max(1, int(loss_every))
-        self.flops_per_step = flops_per_step
-        self.peak_flops = peak_flops
+        self.invalid_values = 0
+        self.flops_per_step = self._number(flops_per_step, "flops_per_step", optional=True)
+        self.peak_flops = self._number(peak_flops, "peak_flops", optional=True)
         self._device = device
         if self._device is None:
             try:
@@ -109,7 +115,6 @@ class Monitor:
             except ValueError:
                 self._device = 0
 
-        self._lock = threading.Lock()
         self._ctx = _StepContext(self)
         self._ctx_samples: float | None = None
         self._ctx_tokens: float | None = None
@@ -145,7 +150,6 @@ class Monitor:
         self._rate_window: deque[tuple[float, int, float, float]] = deque(maxlen=8)
         self._observer_attached = False
         self._silent = False  # set in a forked child: record, never send
-        self._warned: set[str] = set()
 
     # ----------------------------------------------------------------- step timing (hot path)
     def step(self, samples: float | None = None, tokens: float | None = None) -> _StepContext:
@@ -182,6 +186,11 @@ class Monitor:
             wait = begin - prev if prev is not None and begin >= prev else 0.0
             compute = now - begin
         duration = wait + compute
+        # Plain non-negative finite numbers take the fast path (NaN fails both comparisons).
+        if samples is not None and not ((type(samples) is int or type(samples) is float) and 0 <= samples < _INF):
+            samples = self._number(samples, "samples", nonneg=True)
+        if tokens is not None and not ((type(tokens) is int or type(tokens) is float) and 0 <= tokens < _INF):
+            tokens = self._number(tokens, "tokens", nonneg=True)
         with self._lock:
             self.steps += 1
             self.step_seconds += duration
@@ -214,7 +223,7 @@ class Monitor:
         memory); a CUDA tensor every ``loss_every`` calls through an async copy that never syncs the
         device (the value appears once the GPU has produced it). Non-finite values are counted."""
         try:
-            if isinstance(loss, (float, int)):
+            if isinstance(loss, (float, int)) and not isinstance(loss, bool):
                 self._set_loss(float(loss))
                 return
             device = getattr(loss, "device", None)
@@ -235,6 +244,8 @@ class Monitor:
             elif self._loss_calls % self.loss_every == 1 or self.loss_every == 1:
                 self._set_loss(float(loss.detach().item()))  # other devices: sampled, may sync
         except Exception as exc:
+            with self._lock:
+                self.invalid_values += 1
             self._warn_once("loss", f"could not read the loss ({exc!r}); pass a float instead")
 
     def _set_loss(self, value: float) -> None:
@@ -259,6 +270,8 @@ class Monitor:
 
     def record_oom(self, requested_bytes: float | None = None, free_bytes: float | None = None) -> None:
         """Count an OOM you detected yourself (not deduplicated)."""
+        requested_bytes = self._number(requested_bytes, "requested_bytes", nonneg=True, optional=True)
+        free_bytes = self._number(free_bytes, "free_bytes", nonneg=True, optional=True)
         with self._lock:
             self.ooms += 1
             self.oom_last_time = time.time()
@@ -281,7 +294,14 @@ class Monitor:
     def record_auth_failure(self, service: str, status_code: int | str = "401") -> None:
         """Count one authentication/authorization failure for ``service`` (e.g. "hf_hub", "s3")."""
         try:
-            key = (_label(service), _label(status_code))
+            svc = self._service(service, "service")
+            if svc is None:
+                return
+            code = status_label(status_code)
+            if code is None:
+                self._invalid("status_code", status_code)
+                return
+            key = (svc, code)
             with self._lock:
                 if key in self.auth_failures or len(self.auth_failures) < MAX_SERVICES:
                     self.auth_failures[key] = self.auth_failures.get(key, 0) + 1
@@ -307,12 +327,15 @@ class Monitor:
     def set_token_expiry(self, service: str, expires_at: float | None) -> None:
         """Declare when ``service``'s token expires (Unix seconds); None forgets it."""
         try:
-            svc = _label(service)
+            svc = self._service(service, "service")
+            expiry = self._number(expires_at, "expires_at", optional=True)
+            if svc is None or (expiry is None and expires_at is not None):
+                return
             with self._lock:
-                if expires_at is None:
+                if expiry is None:
                     self.token_expiry.pop(svc, None)
                 elif svc in self.token_expiry or len(self.token_expiry) < MAX_SERVICES:
-                    self.token_expiry[svc] = float(expires_at)
+                    self.token_expiry[svc] = expiry
         except Exception:
             self._warn_once("expiry", "could not record a token expiry")
 
@@ -326,10 +349,14 @@ class Monitor:
     def set_api_quota(self, service: str, remaining: float, limit: float | None = None) -> None:
         """Report the remaining (and total) API quota of ``service``."""
         try:
-            svc = _label(service)
+            svc = self._service(service, "service")
+            left = self._number(remaining, "remaining")
+            total = self._number(limit, "limit", optional=True)
+            if svc is None or left is None or (total is None and limit is not None):
+                return
             with self._lock:
                 if svc in self.api_quota or len(self.api_quota) < MAX_SERVICES:
-                    self.api_quota[svc] = (float(remaining), float(limit) if limit is not None else None)
+                    self.api_quota[svc] = (left, total)
         except Exception:
             self._warn_once("quota", "could not record an API quota")
 
@@ -365,6 +392,9 @@ class Monitor:
             if self.flops_per_step and self.peak_flops:
                 steps_per_s = (counters["steps"] - steps0) / dt
                 gauges["model_flops_utilization_ratio"] = self.flops_per_step * steps_per_s / self.peak_flops
+        # Last line of defence (allocator stats, a rate over a clock jump): nothing non-finite leaves.
+        for key, value in drop_unsendable(counters, gauges):
+            self._invalid(key, value)
         torch = _cuda.torch_module()
         return {
             "schema": SCHEMA_VERSION,
@@ -380,7 +410,7 @@ class Monitor:
                 "pid": self.pid,
                 "pid_namespace_inode": self.pid_namespace_inode,
                 "device": self._device_name(),
-                "torch_version": _label(getattr(torch, "__version__", "")) if torch is not None else "",
+                "torch_version": label(getattr(torch, "__version__", "")) if torch is not None else "",
                 "framework": self.framework,
                 **self.slurm,
             },
@@ -398,11 +428,3 @@ class Monitor:
         """In a forked child (DataLoader worker): fresh lock, stay silent, never send."""
         self._lock = threading.Lock()
         self._silent = True
-
-    def _warn_once(self, key: str, message: str) -> None:
-        try:
-            if key not in self._warned:
-                self._warned.add(key)
-                log.warning("gpu-exporter hook: %s", message)
-        except Exception:
-            pass

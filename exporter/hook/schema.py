@@ -82,7 +82,12 @@ FIGURES: tuple[Figure, ...] = (
            "Device free memory at the last CUDA OOM", "oom_last_free"),
     Figure("cuda_oom_last_timestamp_seconds", "training_cuda_oom_last_timestamp_seconds", "gauge",
            "Unix time of the last CUDA OOM", "oom_last_time"),
+    Figure("invalid_values", "training_hook_invalid_values_total", "counter",
+           "Values the hook's calls were given and dropped (non-finite or wrong type)", "invalid_values"),
 )
+# Keys every exporter since schema 1 accepts. A hook whose push was refused as invalid (e.g. a newer
+# hook against an older exporter) sends only these until a full push is accepted again.
+CORE_KEYS = frozenset(f.key for f in FIGURES[:22])
 FIGURE_BY_KEY = {f.key: f for f in FIGURES}
 # Wire key -> metric name, per type (what the validator accepts and the collector renders).
 COUNTERS: dict[str, str] = {f.key: f.metric for f in FIGURES if f.kind == "counter"}
@@ -94,3 +99,8 @@ NONFINITE_ALLOWED = frozenset({"loss"})
 MAX_SERVICES = 32
 MAX_LABEL_LENGTH = 128
 MAX_BODY_BYTES = 64 * 1024
+
+# The most series one push can add to /metrics (training_info, last_seen, the step-duration summary's
+# _sum and _count, every other counter and gauge, then per service: an auth failure count, a token
+# expiry, quota remaining and limit): the default per-process series budget (exporter.ingest.store).
+MAX_SERIES_PER_PROCESS = 4 + (len(COUNTERS) - 1) + len(GAUGES) + 4 * MAX_SERVICES

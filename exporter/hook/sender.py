@@ -4,6 +4,12 @@ One daemon thread per process. It builds a payload, POSTs it with a short timeou
 backs off exponentially (capped). It logs once per outage that the exporter cannot be reached and
 once when it can again. Because every push is cumulative, a push that is lost costs nothing but
 freshness; training code is never blocked or raised into.
+
+A push the exporter refuses as invalid (4xx, e.g. a newer hook's field an older exporter does not
+know) or as over its series budget (429 ``series_budget``) is logged once, and the next pushes carry
+only the core fields every exporter takes (schema.CORE_KEYS, no per-service
+sections) so the job's steps, losses and OOMs keep arriving; the full push is tried again every
+``FULL_RETRY_SECONDS``.
 """
 
 from __future__ import annotations
@@ -13,17 +19,28 @@ import logging
 import os
 import random
 import threading
+import time
 import urllib.error
 import urllib.request
 from typing import Any
 
 from exporter.hook.env import TOKEN_ENV, TOKEN_FILE_ENV
 from exporter.hook.monitor import Monitor
-from exporter.hook.schema import INGEST_PATH
+from exporter.hook.schema import CORE_KEYS, INGEST_PATH
 
 log = logging.getLogger("exporter.hook")
 
 MAX_BACKOFF_SECONDS = 30.0
+FULL_RETRY_SECONDS = 60.0
+_CORE_KEYS = ("schema", "seq", "process_start_time", "identity")
+
+
+def core_payload(payload: dict[str, Any]) -> dict[str, Any]:
+    """The part of a push every exporter since schema 1 accepts (see the module docstring)."""
+    out = {k: payload[k] for k in _CORE_KEYS if k in payload}
+    out["counters"] = {k: v for k, v in payload.get("counters", {}).items() if k in CORE_KEYS}
+    out["gauges"] = {k: v for k, v in payload.get("gauges", {}).items() if k in CORE_KEYS}
+    return out
 
 
 def _read_token() -> str | None:
@@ -53,6 +70,7 @@ class Sender:
         self._failures_in_row = 0
         self._reachable: bool | None = None
         self._reported_rejection = False
+        self._core_until = 0.0  # monotonic time until which pushes carry the core fields only
         self._stop = threading.Event()
         # Loopback / sidecar target: never route through an HTTP proxy from the environment.
         self._opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
@@ -62,17 +80,26 @@ class Sender:
         self._thread.start()
 
     def stop(self, flush: bool = True, flush_timeout: float = 1.0) -> None:
-        """Stop the thread; with ``flush``, push the final counters once more (bounded).
+        """Stop the thread; with ``flush``, push the final counters once more. Returns within
+        ``flush_timeout`` seconds whatever the exporter does (a push still running then, e.g. against
+        a server that trickles its answer, is left to its daemon thread).
 
         After an outage the exporter may be back while the thread was still backing off, so the
-        final push is tried then too, with a short timeout (a refused loopback connection fails at
-        once, so an absent exporter costs the job's exit nothing measurable).
+        final push is tried then too (a refused loopback connection fails at once).
         """
+        deadline = time.monotonic() + flush_timeout
         self._stop.set()
         if self._thread.is_alive() and self._thread is not threading.current_thread():
-            self._thread.join(timeout=flush_timeout + self.timeout)
-        if flush:
-            self.push_once(timeout=flush_timeout if self._reachable is not False else min(flush_timeout, 0.25))
+            self._thread.join(timeout=flush_timeout)
+        left = deadline - time.monotonic()
+        if not flush or left <= 0.01 or self._thread.is_alive():
+            return  # no time left, or the last push is still in flight (it carries nearly the same)
+        timeout = left if self._reachable is not False else min(left, 0.25)
+        final = threading.Thread(
+            target=self.push_once, kwargs={"timeout": timeout}, name="gpu-exporter-hook-flush", daemon=True
+        )
+        final.start()
+        final.join(timeout=left)
 
     def _run(self) -> None:
         while not self._stop.is_set():
@@ -88,8 +115,10 @@ class Sender:
         """Build and POST one snapshot; True on success. Never raises."""
         if self.monitor._silent:
             return True
+        core = time.monotonic() < self._core_until
         try:
-            body = json.dumps(self.monitor.build_payload()).encode("utf-8")
+            payload = self.monitor.build_payload()
+            body = json.dumps(core_payload(payload) if core else payload).encode("utf-8")
         except Exception as exc:
             self._log_once_rejected(f"could not build the payload: {exc!r}")
             return False
@@ -101,14 +130,23 @@ class Sender:
         try:
             with self._opener.open(req, timeout=timeout or self.timeout) as resp:
                 resp.read()
-            self._delivered()
+            self._delivered(full=not core)
             return True
         except urllib.error.HTTPError as err:
             detail = _error_detail(err)
-            if 400 <= err.code < 500 and err.code not in (408, 429):
-                # The exporter answered but refused: retrying the same thing faster will not help.
+            budget = err.code == 429 and '"series_budget"' in detail
+            if (400 <= err.code < 500 and err.code not in (408, 429)) or budget:
+                # The exporter answered but refused this push: send what every exporter takes from now
+                # on (full pushes are retried every FULL_RETRY_SECONDS), so the job never goes quiet.
                 self._mark_reachable()
-                self._log_once_rejected(f"exporter at {self.url} refused the push ({err.code}): {detail}")
+                what = "the core fields" if core else "only the core fields for now"
+                self._log_once_rejected(
+                    f"exporter at {self.url} refused the push ({err.code}): {detail}; sending {what}"
+                )
+                if not core:
+                    self._core_until = time.monotonic() + FULL_RETRY_SECONDS
+                    self.pushes_failed += 1
+                    return True  # not an outage: push the core fields at the next interval
             else:
                 self._unreachable(f"HTTP {err.code} {detail}")
         except Exception as exc:  # connection refused, timeout, DNS, anything
@@ -117,13 +155,16 @@ class Sender:
         self._failures_in_row += 1
         return False
 
-    def _delivered(self) -> None:
+    def _delivered(self, full: bool = True) -> None:
         self.pushes_ok += 1
         self._failures_in_row = 0
         if self._reachable is False:
             log.info("gpu-exporter hook: reaching the exporter at %s again", self.url)
         self._reachable = True
-        self._reported_rejection = False
+        if full:
+            if self._reported_rejection:
+                log.info("gpu-exporter hook: the exporter accepts full pushes again")
+            self._reported_rejection = False
 
     def _mark_reachable(self) -> None:
         self._reachable = True

@@ -29,7 +29,7 @@ def make_ingest_router(
     ``store.count_rejected(reason)``. The exporter itself adds none: its authentication, rate limit
     and body limits run before routing, in exporter.ingest.guard.
     Answers 202 (accepted or stale), 400 (not JSON), 413 (too large), 422 (schema, with the field),
-    429 (too many processes tracked).
+    429 (too many processes or jobs tracked: reason cardinality; over the series budget: series_budget).
     """
     router = APIRouter(dependencies=list(dependencies))
 
@@ -47,7 +47,7 @@ def make_ingest_router(
             report = parse_body(bytes(body), max_body_bytes)
             outcome = store.submit(report)
         except IngestError as err:
-            if err.reason != "cardinality" or err.status != 429:  # submit() counted its own
+            if err.status != 429:  # submit() counted its own refusals
                 store.count_rejected(err.reason)
             log.debug("training push rejected (%s): %s", err.reason, err)
             return JSONResponse({"error": str(err), "reason": err.reason}, status_code=err.status)

@@ -1,5 +1,7 @@
 """The latest report of every training process that pushed, until ``--training-ttl`` after it was
-last seen; bounded by ``--training-max-processes`` and ``--training-max-jobs``.
+last seen; bounded by ``--training-max-processes``, ``--training-max-jobs`` and a series budget: the
+series the tracked processes add to /metrics (``TrainingReport.series``), in all
+(``--training-max-series``) and per process (``--training-max-series-per-process``).
 
 Thread-safe; every mutation bumps ``generation`` so the training collector can cache its output.
 """
@@ -12,6 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from exporter.config import Settings
+from exporter.hook.schema import MAX_SERIES_PER_PROCESS
 from exporter.ingest.validate import IngestError, TrainingReport
 
 
@@ -19,6 +22,7 @@ from exporter.ingest.validate import IngestError, TrainingReport
 class TrackedProcess:
     report: TrainingReport
     last_seen: float  # wall clock (Unix seconds) when the exporter last accepted a push
+    series: int = 0  # report.series, counted against the budget while tracked
 
 
 class IngestStore:
@@ -33,10 +37,16 @@ class IngestStore:
         max_processes: int = Settings.training_max_processes,
         clock: Callable[[], float] = time.time,
         max_jobs: int = Settings.training_max_jobs,
+        max_series: int = Settings.training_max_series,
+        max_series_per_process: int | None = Settings.training_max_series_per_process,
     ) -> None:
         self.ttl_seconds = float(ttl_seconds)
         self.max_processes = int(max_processes)
         self.max_jobs = int(max_jobs)
+        # Per process, the default is the most one valid push can produce.
+        self.max_series = int(max_series)
+        self.max_series_per_process = int(max_series_per_process or MAX_SERIES_PER_PROCESS)
+        self.series = 0  # series the tracked processes add now (sum of TrackedProcess.series)
         self._clock = clock
         self._lock = threading.Lock()
         self._processes: dict[tuple[str, str, str, int, int | None], TrackedProcess] = {}
@@ -48,10 +58,13 @@ class IngestStore:
     def submit(self, report: TrainingReport) -> str:
         """Store a validated report. Returns "accepted", or "stale" for a reordered older push.
 
-        Raises IngestError("cardinality") when a new process would exceed ``max_processes``.
+        Raises IngestError (429) when a new process would exceed ``max_processes`` / ``max_jobs``
+        ("cardinality") or the push would exceed the series budget ("series_budget"); a refused push
+        changes nothing: the process's last accepted report stays.
         """
         now = self._clock()
         key = report.process_key
+        cost = report.series
         with self._lock:
             self._expire_locked(now)
             old = self._processes.get(key)
@@ -75,7 +88,25 @@ class IngestStore:
                 raise IngestError(
                     "cardinality", f"already tracking {self.max_jobs} training jobs (--training-max-jobs)", 429
                 )
-            self._processes[key] = TrackedProcess(report, now)
+            if cost > self.max_series_per_process:
+                self._count_rejected_locked("series_budget")
+                raise IngestError(
+                    "series_budget",
+                    f"this push would add {cost} series; a process may add {self.max_series_per_process} "
+                    "(--training-max-series-per-process)",
+                    429,
+                )
+            in_use = self.series - (old.series if old is not None else 0)
+            if in_use + cost > self.max_series:
+                self._count_rejected_locked("series_budget")
+                raise IngestError(
+                    "series_budget",
+                    f"this push would add {cost} series to the {in_use} in use; the budget is "
+                    f"{self.max_series} (--training-max-series)",
+                    429,
+                )
+            self._processes[key] = TrackedProcess(report, now, cost)
+            self.series = in_use + cost
             self._requests["accepted"] += 1
             self.generation += 1
             return "accepted"
@@ -105,7 +136,7 @@ class IngestStore:
         cutoff = now - self.ttl_seconds
         dead = [k for k, p in self._processes.items() if p.last_seen < cutoff]
         for k in dead:
-            del self._processes[k]
+            self.series -= self._processes.pop(k).series
         if dead:
             self.generation += 1
 

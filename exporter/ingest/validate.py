@@ -68,6 +68,15 @@ class TrainingReport:
     slurm_procid: str = ""
 
     @property
+    def series(self) -> int:
+        """How many series this report adds to /metrics (collectors.training renders exactly these)."""
+        c = self.counters
+        n = 2 + len(c) + len(self.gauges) + len(self.auth_failures) + len(self.token_expiry)  # + info, last_seen
+        if "step_duration_seconds_sum" in c:  # a summary: _sum, plus _count when steps is known too
+            n += 1 if "steps" in c else -1
+        return n + sum(1 if limit is None else 2 for _, limit in self.api_quota.values())
+
+    @property
     def process_key(self) -> tuple[str, str, str, int, int | None]:
         """Which process this is (a restart with the same PID replaces it: newer start time)."""
         return (self.hostname, self.training_job, self.rank, self.pid, self.pid_namespace_inode)
@@ -113,16 +122,28 @@ def _int(value: Any, where: str, lo: int, hi: int) -> int:
     return value
 
 
+_AUTH_KEYS = frozenset({"service", "status_code", "count"})
+_QUOTA_KEYS = frozenset({"remaining", "limit"})
+
+
+def _no_unknown_keys(entry: Mapping[str, Any], where: str, known: frozenset[str]) -> None:
+    extra = sorted(str(k) for k in set(entry) - known)
+    if extra:
+        raise _schema_error(f"{where}: unknown field(s) {', '.join(extra)}")
+
+
 def validate_report(data: Any) -> TrainingReport:
     """Check a decoded push against the schema (exporter.hook.schema); raise IngestError if wrong."""
     doc = _mapping(data, "body")
     unknown = sorted(set(doc) - _TOP_KEYS)
     if unknown:
         raise _schema_error(f"body: unknown field(s) {', '.join(unknown)}")
-    if doc.get("schema") != SCHEMA_VERSION:
+    if type(doc.get("schema")) is not int or doc.get("schema") != SCHEMA_VERSION:  # True == 1 in Python
         raise _schema_error(f"schema: expected {SCHEMA_VERSION}, got {doc.get('schema')!r}")
     seq = _int(doc.get("seq"), "seq", 0, 2**62)
     start = _number(doc.get("process_start_time"), "process_start_time", nonneg=True)
+    if "sent_at" in doc:  # informational (not stored), but typed like everything else
+        _number(doc["sent_at"], "sent_at", nonneg=True)
     ident = _mapping(doc.get("identity"), "identity")
     strings: dict[str, str] = {}
     for key in IDENTITY_STR_KEYS:
@@ -155,8 +176,9 @@ def validate_report(data: Any) -> TrainingReport:
         raise IngestError("cardinality", f"auth_failures: more than {MAX_SERVICES} entries", 422)
     for i, item in enumerate(failures):
         entry = _mapping(item, f"auth_failures[{i}]")
+        _no_unknown_keys(entry, f"auth_failures[{i}]", _AUTH_KEYS)
         service = _string(entry.get("service"), f"auth_failures[{i}].service", allow_empty=False)
-        code = _string(str(entry.get("status_code", "")), f"auth_failures[{i}].status_code")
+        code = _string(entry.get("status_code"), f"auth_failures[{i}].status_code", allow_empty=False)
         auth[(service, code)] = _number(entry.get("count"), f"auth_failures[{i}].count", nonneg=True)
     expiry: dict[str, float] = {}
     for svc, ts in _mapping(doc.get("token_expiry", {}), "token_expiry", MAX_SERVICES).items():
@@ -165,6 +187,7 @@ def validate_report(data: Any) -> TrainingReport:
     for svc, q in _mapping(doc.get("api_quota", {}), "api_quota", MAX_SERVICES).items():
         _string(svc, "api_quota key", allow_empty=False)
         qd = _mapping(q, f"api_quota.{svc}")
+        _no_unknown_keys(qd, f"api_quota.{svc}", _QUOTA_KEYS)
         limit = qd.get("limit")
         quota[svc] = (
             _number(qd.get("remaining"), f"api_quota.{svc}.remaining"),

@@ -16,7 +16,7 @@ from typing import Any
 
 from fastapi import APIRouter, FastAPI
 from starlette.concurrency import run_in_threadpool
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
@@ -104,9 +104,18 @@ def create_app(
         """Apply one simulator timeline event now (--simulate mode only), then poll at once."""
         if simulator is None:
             return JSONResponse({"error": "not running in --simulate mode"}, status_code=404)
-        raw = await request.body()
-        if len(raw) > MAX_EVENT_BYTES:
-            return JSONResponse({"error": f"event larger than {MAX_EVENT_BYTES} bytes"}, status_code=413)
+        too_large = JSONResponse({"error": f"event larger than {MAX_EVENT_BYTES} bytes"}, status_code=413)
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > MAX_EVENT_BYTES:
+            return too_large  # refused before reading: a huge body is never buffered
+        raw = bytearray()
+        try:
+            async for chunk in request.stream():
+                raw += chunk
+                if len(raw) > MAX_EVENT_BYTES:
+                    return too_large
+        except ClientDisconnect:  # the client (or the connection's own body limit) hung up mid-body
+            return Response(status_code=400)
         try:
             event = json.loads(raw)
         except ValueError as exc:

@@ -24,12 +24,11 @@ ingest API (it has its own bearer token, see exporter.ingest.auth).
 
 from __future__ import annotations
 
-import inspect
 import logging
 import os
 import re
 import ssl
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -219,31 +218,3 @@ def load_web_config(path: str | os.PathLike[str]) -> WebConfig:
     except yaml.YAMLError as exc:
         raise WebConfigError(f"web config {p}: invalid YAML: {exc}") from exc
     return parse_web_config(data, p)
-
-
-def uvicorn_ssl_kwargs(tls: TlsServerConfig | None) -> dict[str, Any]:
-    """Keyword arguments for ``uvicorn.Config`` that serve HTTPS with these settings.
-
-    uvicorn's plain ssl_* settings cannot express min/max TLS versions; where uvicorn offers
-    ``ssl_context_factory`` (0.35+) the context is built here with every setting applied.
-    """
-    if tls is None:
-        return {}
-    import uvicorn
-
-    kwargs: dict[str, Any] = {
-        "ssl_certfile": str(tls.cert_file),
-        "ssl_keyfile": str(tls.key_file),
-        "ssl_cert_reqs": int(_CLIENT_AUTH[tls.client_auth_type]),
-    }
-    if tls.client_ca_file is not None:
-        kwargs["ssl_ca_certs"] = str(tls.client_ca_file)
-    if "ssl_context_factory" in inspect.signature(uvicorn.Config).parameters:
-
-        def factory(_config: Any, _default: Callable[[], ssl.SSLContext]) -> ssl.SSLContext:
-            return tls.ssl_context()
-
-        kwargs["ssl_context_factory"] = factory
-    elif tls.min_version != "TLS12" or tls.max_version is not None:
-        log.warning("this uvicorn cannot set TLS min/max versions; using the TLS library's defaults")
-    return kwargs

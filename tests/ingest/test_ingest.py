@@ -17,12 +17,12 @@ from prometheus_client import generate_latest
 from prometheus_client.registry import CollectorRegistry
 
 from exporter.collectors.training import TrainingCollector
-from exporter.hook.schema import INGEST_PATH
+from exporter.hook.schema import INGEST_PATH, MAX_SERIES_PER_PROCESS
 from exporter.ingest.router import make_ingest_router
 from exporter.ingest.store import IngestStore
 from exporter.ingest.validate import IngestError, parse_body, validate_report
 from harness.clock import FakeClock
-from harness.payloads import payload
+from harness.payloads import largest_push, payload
 from harness.support import free_port, http_get, http_post_json, parse_metrics, wait_until
 
 
@@ -130,6 +130,62 @@ def test_store_cardinality_limit() -> None:
 
 
 # ---------------------------------------------------------------------------------------- collector
+def _training_samples(store: IngestStore) -> int:
+    return sum(len(v) for k, v in render(store).items() if k.startswith("training_"))
+
+
+def test_series_cost_is_what_the_collector_renders() -> None:
+    """TrainingReport.series (what the budget counts) equals the samples rendered for the report, from
+    the smallest push to the largest the schema allows (MAX_SERIES_PER_PROCESS)."""
+    small = {"schema": 1, "seq": 1, "process_start_time": 1.0, "identity": {"training_job": "j", "pid": 5}}
+    largest = largest_push(7)
+    no_limit = copy.deepcopy(largest)
+    no_limit["api_quota"] = {"s": {"remaining": 1}}
+    only_sum = dict(small, counters={"step_duration_seconds_sum": 1.0})
+    cases = [small, payload(), largest, no_limit, only_sum]
+    for doc in cases:
+        store = IngestStore(clock=FakeClock())
+        report = validate_report(copy.deepcopy(doc))
+        store.submit(report)
+        assert _training_samples(store) == report.series == store.series, doc
+    assert validate_report(largest).series == MAX_SERIES_PER_PROCESS
+
+
+def test_series_budget_total_and_per_process() -> None:
+    """New processes and growing updates past the budget get 429 series_budget and change nothing;
+    expiry gives the series back."""
+    clock = FakeClock()
+    store = IngestStore(ttl_seconds=60, clock=clock, max_series=45, max_series_per_process=30)
+
+    def push(pid: int, seq: int = 1, services: int = 0) -> str:
+        doc = payload()
+        doc["identity"]["pid"], doc["seq"] = pid, seq
+        doc["auth_failures"], doc["token_expiry"] = [], {}
+        doc["api_quota"] = {f"s{i}": {"remaining": 1, "limit": 2} for i in range(services)}
+        return store.submit(validate_report(doc))
+
+    assert push(1) == "accepted"
+    base = store.series
+    assert base == 15
+    with pytest.raises(IngestError, match="--training-max-series-per-process") as err:
+        push(2, services=10)  # base + 20 > 30
+    assert err.value.status == 429 and err.value.reason == "series_budget"
+    assert push(2, services=2) == "accepted"
+    assert store.series == 2 * base + 4
+    with pytest.raises(IngestError, match=r"\(--training-max-series\)"):
+        push(3)
+    with pytest.raises(IngestError, match="the budget is 45"):
+        push(1, seq=2, services=6)  # an update that grows past the total: refused, the old one stays
+    assert [p.report.seq for p in store.processes() if p.report.pid == 1] == [1]
+    assert push(2, seq=2) == "accepted"  # an update that shrinks is always taken
+    assert store.series == 2 * base
+    assert store.stats()[1] == {"series_budget": 3}
+    clock.now += 61
+    store.expire()
+    assert store.series == 0
+    assert push(3) == "accepted"
+
+
 def test_collector_renders_training_series_with_labels() -> None:
     store = IngestStore()
     doc = payload()

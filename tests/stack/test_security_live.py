@@ -76,7 +76,7 @@ def test_live_tls_basic_auth_and_ingest_token(tmp_path: Path, pki: dict[str, Pat
         assert [v for lab, v in m["training_steps_total"] if lab["training_job"] == "live"] == [1.0]
         sec = json.loads(_https(base + "/status", ctx, headers=basic("prometheus", PASSWORD))[1])["security"]
         assert sec == {"tls": True, "basic_auth_users": 1, "ingest_token_required": True,
-                       "ingest_rate_limit_per_second": 50.0}
+                       "ingest_rate_limit_per_second": 50.0, "trusted_proxies": []}
     finally:
         proc.stop()
     assert TOKEN not in proc.log() and PASSWORD not in proc.log()

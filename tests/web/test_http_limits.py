@@ -130,25 +130,44 @@ def test_oversized_body_gets_413(server: tuple[str, int]) -> None:
     assert reply.startswith(b"HTTP/1.1 413")
 
 
-def test_connections_beyond_the_limit_get_503() -> None:
-    app = Starlette(routes=[Route("/echo", echo, methods=["GET", "POST"])])
+def test_idle_connections_make_room_and_busy_ones_do_not() -> None:
+    """At the cap an idle connection is closed for a new one; only when every connection is serving a
+    request is the new one answered 503 (and it can read that answer)."""
+    async def slow(request: Request) -> PlainTextResponse:
+        await request.body()  # waits for a body that only arrives on release
+        return PlainTextResponse("done")
+
+    app = Starlette(routes=[Route("/echo", echo, methods=["GET", "POST"]), Route("/slow", slow, methods=["POST"])])
     port = free_port()
-    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None, lifespan="off",
-                                        **uvicorn_limits(max_connections=4)))
+    limits = uvicorn_limits(max_connections=4)
+    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None, lifespan="off", **limits))
     thread = threading.Thread(target=srv.run, daemon=True)
     thread.start()
+    table = limits["http"].table
     try:
         wait_until(lambda: srv.started, timeout=10, message="uvicorn started")
         idle = [connect(("127.0.0.1", port)) for _ in range(4)]
+        wait_until(lambda: len(table) == 4, timeout=10, message="idle connections accepted")
+        with connect(("127.0.0.1", port)) as extra:
+            extra.sendall(request(b"", close=True))
+            assert read_all(extra).startswith(b"HTTP/1.1 200")
+        assert read_all(idle[0], 5) == b""  # the longest idle one was closed to make room
+        for s in idle:
+            s.close()
+        wait_until(lambda: len(table) == 0, timeout=10, message="connections gone")
+        busy = [connect(("127.0.0.1", port)) for _ in range(4)]
+        for s in busy:
+            s.sendall(b"POST /slow HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\n12345")
+        wait_until(lambda: len(table) == 4 and not any(e.evictable() for e in table._entries), timeout=10,
+                   message="four requests in progress")
         with connect(("127.0.0.1", port)) as extra:
             extra.sendall(request(b"", close=True))
             assert read_all(extra).startswith(b"HTTP/1.1 503")
-        for s in idle:
+        assert table.refused == 1
+        for s in busy:
+            s.sendall(b"67890")
+            assert read_all(s).startswith(b"HTTP/1.1 200")
             s.close()
-        wait_until(lambda: len(srv.server_state.connections) == 0, timeout=10, message="connections gone")
-        with connect(("127.0.0.1", port)) as again:
-            again.sendall(request(b"ok", close=True))
-            assert read_all(again).startswith(b"HTTP/1.1 200")
     finally:
         srv.should_exit = True
         thread.join(10)

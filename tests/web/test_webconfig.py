@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from exporter.web.webconfig import WebConfigError, load_web_config, uvicorn_ssl_kwargs
+from exporter.web.webconfig import WebConfigError, load_web_config
 from harness.security import HASH, write
 
 
@@ -33,9 +33,6 @@ basic_auth_users:
     assert ctx.minimum_version == ssl.TLSVersion.TLSv1_3
     assert ctx.verify_mode == ssl.CERT_REQUIRED
     assert set(cfg.basic_auth_users) == {"prometheus"}
-    kwargs = uvicorn_ssl_kwargs(cfg.tls)
-    assert kwargs["ssl_certfile"] == str(pki["server_crt"])
-    assert kwargs["ssl_cert_reqs"] == ssl.CERT_REQUIRED
 
 
 def test_web_config_relative_paths_resolve_against_the_file(tmp_path: Path, pki: dict[str, Path]) -> None:
