@@ -221,6 +221,30 @@ class ProcessList:
         raise pynvml.NVMLError(pynvml.NVML_ERROR_INSUFFICIENT_SIZE)
 
 
+class _UtilizationSample(ctypes.Structure):
+    _fields_ = pynvml.c_nvmlProcessUtilizationSample_t._fields_
+
+
+class ProcessSamples:
+    """nvmlDeviceGetProcessUtilization through a buffer kept across polls (one C call while it is big
+    enough; pynvml's wrapper asks for the size first, every time). Returns (pid, timestamp, SM %)."""
+
+    def __init__(self) -> None:
+        self._buffer = (_UtilizationSample * 16)()
+
+    def read(self, handle: Any, since: int) -> list[tuple[int, int, int]]:
+        fn = pynvml._nvmlGetFunctionPointer("nvmlDeviceGetProcessUtilization")
+        for _ in range(3):
+            count = ctypes.c_uint(len(self._buffer))
+            ret = fn(handle, self._buffer, ctypes.byref(count), ctypes.c_ulonglong(since))
+            if ret == pynvml.NVML_SUCCESS:
+                return [(s.pid, s.timeStamp, s.smUtil) for s in self._buffer[:count.value]]
+            if ret != pynvml.NVML_ERROR_INSUFFICIENT_SIZE:
+                raise pynvml.NVMLError(ret)  # NOT_FOUND: no sample since `since`
+            self._buffer = (_UtilizationSample * (count.value * 2 + 5))()
+        raise pynvml.NVMLError(pynvml.NVML_ERROR_INSUFFICIENT_SIZE)
+
+
 def compute_processes() -> ProcessList:
     return ProcessList("nvmlDeviceGetComputeRunningProcesses_v3", "nvmlDeviceGetComputeRunningProcesses_v2")
 

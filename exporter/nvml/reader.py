@@ -36,6 +36,7 @@ from exporter.nvml.fields import (
     Board,
     Process,
     ProcessList,
+    ProcessSamples,
     compute_processes,
     device_address,
     graphics_processes,
@@ -68,6 +69,7 @@ class _Device:
     gpm_supported: bool | None = None
     gpm: GpmSampler = field(default_factory=GpmSampler)
     process_samples_since: int = 0  # timestamp of the newest per-process utilization sample seen
+    process_samples: ProcessSamples = field(default_factory=ProcessSamples)
     compute: ProcessList = field(default_factory=compute_processes)
     graphics: ProcessList = field(default_factory=graphics_processes)
     mig: MigReader | None = None
@@ -354,9 +356,9 @@ class NvmlReader:
             return ()
         sm: dict[int, tuple[int, float]] = {}  # pid -> (timestamp, ratio) of its newest sample
         since = device.process_samples_since
-        for s in r.get("process_sm_utilization_ratio", pynvml.nvmlDeviceGetProcessUtilization, since) or ():
-            if s.pid not in sm or s.timeStamp >= sm[s.pid][0]:
-                sm[s.pid] = (s.timeStamp, min(1.0, s.smUtil / 100.0))
+        for pid, ts, sm_percent in r.get("process_sm_utilization_ratio", device.process_samples.read, since) or ():
+            if pid not in sm or ts >= sm[pid][0]:
+                sm[pid] = (ts, min(1.0, sm_percent / 100.0))
         if sm:
             device.process_samples_since = max(ts for ts, _ in sm.values())
         return tuple(

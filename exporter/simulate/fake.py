@@ -73,6 +73,26 @@ _FI_NVLINK_SCOPED = {
 _FI_NVLINK_LEGACY = {fid: (error, link) for error in NVLINK_ERRORS for link in range(12)
                      if (fid := legacy_nvlink_field(error, link)) is not None}
 _FI_NVLINK_BYTES = {pynvml.NVML_FI_DEV_NVLINK_THROUGHPUT_DATA_TX: "tx", pynvml.NVML_FI_DEV_NVLINK_THROUGHPUT_DATA_RX: "rx"}
+# Field id -> (kind, name, link): what the simulated driver answers for it (one lookup per entry).
+_FIELD_KINDS: dict[int, tuple[str, str, int]] = {
+    _FI_DEV_MEMORY_TEMP: ("memory_temperature", "", 0),
+    pynvml.NVML_FI_DEV_PCIE_REPLAY_COUNTER: ("pcie_replay", "", 0),
+    pynvml.NVML_FI_DEV_GET_GPU_RECOVERY_ACTION: ("recovery_action", "", 0),
+    pynvml.NVML_FI_DEV_NVLINK_GET_STATE: ("nvlink", "", 0),
+    **{fid: ("pcie_errors", name, 0) for fid, name in _FI_PCIE.items()},
+    **{fid: ("throttle", name, 0) for fid, name in _FI_THROTTLE.items()},
+    **{fid: ("legacy", error, link) for fid, (error, link) in _FI_NVLINK_LEGACY.items()},
+    **{fid: ("nvlink_errors", error, 0) for fid, error in _FI_NVLINK_SCOPED.items()},
+    **{fid: ("nvlink_bytes", direction, 0) for fid, direction in _FI_NVLINK_BYTES.items()},
+}
+# Kinds read straight from one GPU field: kind -> (the name that makes it "not supported", state key).
+_PLAIN_FIELDS = {
+    "memory_temperature": ("temperature_memory_celsius", "temperature_memory_celsius"),
+    "pcie_replay": ("pcie_replay_errors", "pcie_replay_errors"),
+    "recovery_action": ("recovery_action", "recovery_action"),
+    "pcie_errors": ("pcie_errors", "pcie_errors"),
+    "throttle": ("throttle_seconds", "throttle_seconds"),
+}
 # Which clock-event reasons accumulate which throttle counter (the simulator's model of the driver).
 _THROTTLE_BY_REASON = {
     "sw_power_cap": "power", "sw_thermal_slowdown": "thermal", "hw_thermal_slowdown": "thermal",
@@ -629,53 +649,42 @@ class FakeNvmlLib:
 
     def _field(self, g: dict[str, Any], fid: int, scope: int) -> tuple[int, int, int]:
         """(return code, value type, value) of one field value."""
+        kind = _FIELD_KINDS.get(fid)
+        if kind is None:
+            return ERROR_NOT_SUPPORTED, 0, 0
+        what, name, link = kind
         unsupported = g["unsupported"]
-        arch = ARCHITECTURES[g["architecture"]]
-        if fid == _FI_DEV_MEMORY_TEMP:
-            if "temperature_memory_celsius" in unsupported:
+        if what in _PLAIN_FIELDS:
+            family, key = _PLAIN_FIELDS[what]
+            if family in unsupported:
                 return ERROR_NOT_SUPPORTED, 0, 0
-            return SUCCESS, _VT_UINT, max(0, round(g["temperature_memory_celsius"]))
-        if fid == pynvml.NVML_FI_DEV_PCIE_REPLAY_COUNTER:
-            if "pcie_replay_errors" in unsupported:
-                return ERROR_NOT_SUPPORTED, 0, 0
-            return SUCCESS, _VT_ULL, g["pcie_replay_errors"]
-        if fid in _FI_PCIE:
-            if "pcie_errors" in unsupported:
-                return ERROR_NOT_SUPPORTED, 0, 0
-            return SUCCESS, _VT_ULL, g["pcie_errors"].get(_FI_PCIE[fid], 0)
-        if fid in _FI_THROTTLE:
-            if "throttle_seconds" in unsupported:
-                return ERROR_NOT_SUPPORTED, 0, 0
-            return SUCCESS, _VT_ULL, round(g["throttle_seconds"].get(_FI_THROTTLE[fid], 0.0) * 1e9)
-        if fid == pynvml.NVML_FI_DEV_GET_GPU_RECOVERY_ACTION:
-            if "recovery_action" in unsupported:
-                return ERROR_NOT_SUPPORTED, 0, 0
-            return SUCCESS, _VT_UINT, RECOVERY_ACTION_NAMES[g["recovery_action"]]
+            if what == "memory_temperature":
+                return SUCCESS, _VT_UINT, max(0, round(g[key]))
+            if what == "recovery_action":
+                return SUCCESS, _VT_UINT, RECOVERY_ACTION_NAMES[g[key]]
+            if what == "throttle":
+                return SUCCESS, _VT_ULL, round(g[key].get(name, 0.0) * 1e9)
+            return SUCCESS, _VT_ULL, g[key].get(name, 0) if name else g[key]
         # NVLink. The ids scoped by link exist from Ampere on in this model; older boards answer only
         # the per-link ids of the older API (links 0..11) and the per-link state call.
         links = g["nvlink_links"]
-        if fid in _FI_NVLINK_LEGACY:
-            error, link = _FI_NVLINK_LEGACY[fid]
-            if not links or "nvlink_errors" in unsupported or (error == "crc_data" and arch >= 9):
+        arch = ARCHITECTURES[g["architecture"]]
+        if what == "legacy":
+            if not links or "nvlink_errors" in unsupported or (name == "crc_data" and arch >= 9):
                 return ERROR_NOT_SUPPORTED, 0, 0
             if link >= links:
                 return ERROR_INVALID_ARGUMENT, 0, 0
-            return SUCCESS, _VT_ULL, int(g["nvlink_errors"].get(link, {}).get(error, 0))
-        scoped = fid == pynvml.NVML_FI_DEV_NVLINK_GET_STATE or fid in _FI_NVLINK_SCOPED or fid in _FI_NVLINK_BYTES
-        if not scoped:
-            return ERROR_NOT_SUPPORTED, 0, 0
-        family = ("nvlink" if fid == pynvml.NVML_FI_DEV_NVLINK_GET_STATE else
-                  "nvlink_errors" if fid in _FI_NVLINK_SCOPED else "nvlink_bytes")
-        if not links or arch < 7 or family in unsupported:
+            return SUCCESS, _VT_ULL, int(g["nvlink_errors"].get(link, {}).get(name, 0))
+        if not links or arch < 7 or what in unsupported:  # what: nvlink, nvlink_errors, nvlink_bytes
             return ERROR_NOT_SUPPORTED, 0, 0
         if scope >= links:
             return ERROR_INVALID_ARGUMENT, 0, 0
-        if fid == pynvml.NVML_FI_DEV_NVLINK_GET_STATE:
+        if what == "nvlink":
             down = scope in g["nvlink_links_down"]
             return SUCCESS, _VT_UINT, pynvml.NVML_NVLINK_STATE_INACTIVE if down else pynvml.NVML_NVLINK_STATE_ACTIVE
-        if fid in _FI_NVLINK_SCOPED:
-            return SUCCESS, _VT_ULL, int(g["nvlink_errors"].get(scope, {}).get(_FI_NVLINK_SCOPED[fid], 0))
-        moved = g["_nvlink_bytes"].get(scope, {}).get(_FI_NVLINK_BYTES[fid], 0.0)
+        if what == "nvlink_errors":
+            return SUCCESS, _VT_ULL, int(g["nvlink_errors"].get(scope, {}).get(name, 0))
+        moved = g["_nvlink_bytes"].get(scope, {}).get(name, 0.0)
         return SUCCESS, _VT_ULL, int(moved // 1024)  # KiB
 
     def nvmlDeviceGetNvLinkState(self, handle: Any, link: Any, out: Any) -> int:
