@@ -32,6 +32,8 @@ finish() {
 trap finish EXIT
 fail() { echo "setup: $*" >&2; trap - EXIT; exit 1; }
 
+apt_packages=(prometheus prometheus-alertmanager victoria-metrics docker.io busybox-static debootstrap)
+
 step="check the system"
 # shellcheck disable=SC1091
 os_id="$(. "${SETUP_OS_RELEASE:-/etc/os-release}" 2>/dev/null && echo "${ID:-?} ${VERSION_ID:-?}")" || os_id="unknown"
@@ -40,7 +42,7 @@ case "$os_id" in
   *)
     if [ "${SETUP_ANY_SYSTEM:-0}" != 1 ]; then
       fail "unsupported system '$os_id' (supported: $SUPPORTED; SETUP_ANY_SYSTEM=1 tries anyway);" \
-        "install by hand: prometheus, alertmanager, docker, busybox, then" \
+        "install by hand: ${apt_packages[*]} (Debian's names), then" \
         "'python3 -m venv .venv && .venv/bin/pip install $TORCH -e .[$EXTRAS]'"
     fi ;;
 esac
@@ -50,7 +52,6 @@ command -v "$PY" >/dev/null || fail "no '$PY' interpreter: install python3 (apt-
     "supported: set PYTHON to one (e.g. PYTHON=python3.11)"
 
 step="install Debian packages"
-apt_packages=(prometheus prometheus-alertmanager victoria-metrics docker.io busybox-static debootstrap)
 # Debian's python3 keeps venv's ensurepip in python3-venv; a python3 that is not the distribution's
 # (pyenv, CI) has its own. pip comes into .venv through ensurepip, so python3-pip is never needed.
 "$PY" -c 'import ensurepip, venv' >/dev/null 2>&1 || apt_packages+=(python3-venv)
