@@ -151,8 +151,8 @@ def test_refusals_at_the_connection_cap_are_answered_and_logged_once(log_dir: Pa
             s = socket.create_connection((host, int(port)), timeout=10)
             s.sendall(b"POST " + INGEST_PATH.encode() + b" HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{")
             busy.append(s)
-        wait_until(lambda: open_fds(proc.pid) >= 8, timeout=10, message="busy connections accepted")
-        time.sleep(0.5)  # let the exporter read the heads (the requests are now in flight)
+        # Once the eight heads are read, every slot holds a request in progress: new connections get 503.
+        wait_until(lambda: _probe(base, "/healthz", 1) == [503], timeout=30, message="the cap reached")
         codes = _probe(base, "/healthz", 40)
         assert codes.count(503) >= 30, codes
     finally:
@@ -196,7 +196,8 @@ def test_tls_connections_that_never_handshake_are_bounded(log_dir: Path, tmp_pat
                 flood.append(socket.create_connection(("127.0.0.1", port), timeout=10))
             if i % 100 == 99:
                 fds_seen.append(open_fds(proc.pid))
-        time.sleep(1.0)
+        # The exporter has taken the flood in (today's code: all of it, until its file limit).
+        wait_until(lambda: open_fds(proc.pid) >= 400, timeout=30, message="the flood accepted")
         fds_seen.append(open_fds(proc.pid))
         codes = []
         for _ in range(10):
