@@ -16,6 +16,7 @@ docs/scaling.md extrapolates from these figures; rerun this after changing what 
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import random
@@ -119,6 +120,21 @@ def xid_to_notification(stack: FleetStack, nodes: list[str], hosts: list[str], r
     return out
 
 
+def render(stack: FleetStack, out_dir: Path, since_monotonic: float, rate_interval: str) -> None:
+    """PNG previews (scripts/render_dashboards) of the fleet dashboards over the whole run."""
+    from dashboards.live import Window
+    from dashboards.queries import load_dashboards
+    # A script, not a package module (mypy checks it as a file): imported by name at run time.
+    render_dashboard = importlib.import_module("scripts.render_dashboards").render_dashboard
+
+    end = time.time()
+    start = end - (time.monotonic() - since_monotonic)
+    window = Window(start, end, max((end - start) / 200, 1.0), rate_interval)
+    dashboards = load_dashboards()
+    for name in ("fleet-rollup.json", "fleet.json"):
+        print(f"rendered {render_dashboard(stack.vm_url, dashboards[name], window, out_dir, {})}")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     p.add_argument("--nodes", type=int, default=64)
@@ -127,6 +143,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--eval-interval", type=int, default=1, help="vmalert evaluation, seconds (fast profile: 1)")
     p.add_argument("--window", type=float, default=60.0, help="seconds of steady state to measure")
     p.add_argument("--xids", type=int, default=5, help="XID faults to time (each on another node)")
+    p.add_argument("--render", type=Path, default=None, metavar="DIR",
+                   help="also render the Fleet roll-up and the per-GPU Fleet dashboards from the store to PNGs here")
     args = p.parse_args(argv)
     log_dir = Path(tempfile.mkdtemp(prefix="fleet-bench-"))
     targets_file = log_dir / "sim-targets.json"
@@ -157,6 +175,8 @@ def main(argv: list[str] | None = None) -> int:
             all_series = stack.value('count({__name__=~".+"})') or 0.0
             figures = measure(stack, sim, args.window)
             delays = xid_to_notification(stack, nodes, hosts, args.xids)
+            if args.render:
+                render(stack, args.render, started, f"{4 * args.scrape_interval}s")
     finally:
         sim.stop()
 

@@ -1,4 +1,4 @@
-"""Render every panel of the three dashboards from live Prometheus data to PNG files (matplotlib).
+"""Render every panel of the dashboards from live Prometheus data to PNG files (matplotlib).
 
 A reviewer without Grafana sees what each dashboard shows: one PNG per dashboard in the dashboards'
 own grid layout (previews/<uid>.png). Queries are exactly the dashboard's (dashboards.live), with the
@@ -71,7 +71,8 @@ def threshold_color(value: float, panel: Json) -> str:
 
 
 def draw_panel(ax: Any, panel: Json, results: list[tuple[Json, str, list[dict[str, Any]]]]) -> None:
-    """One panel into one matplotlib axes: lines for time series, a number for stats, text for tables."""
+    """One panel into one matplotlib axes: lines for time series, a number for stats, text for tables,
+    binned counts for heatmaps, colored bands for state timelines."""
     from matplotlib.dates import DateFormatter
     unit = str(panel["fieldConfig"]["defaults"].get("unit", ""))
     ax.set_title(panel["title"], fontsize=9, loc="left")
@@ -114,6 +115,10 @@ def draw_panel(ax: Any, panel: Json, results: list[tuple[Json, str, list[dict[st
                     transform=ax.transAxes)
             ax.text(0.5, y - 0.17, name, ha="center", va="center", fontsize=6, transform=ax.transAxes)
         ax.set_axis_off()
+    elif kind == "heatmap":
+        _draw_heatmap(ax, results, unit)
+    elif kind == "state-timeline":
+        _draw_state_timeline(ax, panel, results)
     else:  # table
         hidden = set()
         for t in panel.get("transformations", []):
@@ -129,6 +134,42 @@ def draw_panel(ax: Any, panel: Json, results: list[tuple[Json, str, list[dict[st
         tab.auto_set_font_size(False)
         tab.set_fontsize(6)
         ax.set_axis_off()
+
+
+def _draw_heatmap(ax: Any, results: list[tuple[Json, str, list[dict[str, Any]]]], unit: str) -> None:
+    """What Grafana's heatmap with ``calculate`` draws: per time step, how many series fall in each of
+    10 value bands (darker = more series)."""
+    points = [(float(t), float(v)) for _, _, series in results for s in series for t, v in s.get("values") or []]
+    values = [v for _, v in points if v == v]
+    if not values:
+        return
+    lo, hi = min(values), max(values)
+    hi = hi if hi > lo else lo + 1.0
+    times = sorted({t for t, _ in points})
+    column = {t: i for i, t in enumerate(times)}
+    counts = [[0] * len(times) for _ in range(10)]
+    for t, v in points:
+        if v == v:
+            counts[min(9, int((v - lo) / (hi - lo) * 10))][column[t]] += 1
+    ax.imshow(counts, aspect="auto", origin="lower", cmap="Oranges", interpolation="nearest",
+              extent=(0, len(times), lo, hi))
+    ax.set_xticks([])
+    ax.yaxis.set_major_formatter(lambda v, _pos: fmt_value(v, unit))
+    ax.tick_params(labelsize=6)
+    ax.set_xlabel(f"{len({tuple(sorted(s['metric'].items())) for _, _, ss in results for s in ss})} series, "
+                  "binned", fontsize=6)
+
+
+def _draw_state_timeline(ax: Any, panel: Json, results: list[tuple[Json, str, list[dict[str, Any]]]]) -> None:
+    """One band per series (at most 20), each interval colored by the panel's thresholds."""
+    bands = [(legend(str(target.get("legendFormat", "")), s["metric"]), s.get("values") or [])
+             for target, _, series in results for s in series][:20]
+    for row_index, (_, pts) in enumerate(bands):
+        for (t0, v), (t1, _) in zip(pts, [*pts[1:], pts[-1]], strict=True):
+            width = max(float(t1) - float(t0), 1.0)
+            ax.broken_barh([(float(t0), width)], (row_index + 0.1, 0.8), color=threshold_color(float(v), panel))
+    ax.set_yticks([i + 0.5 for i in range(len(bands))], [name for name, _ in bands], fontsize=5)
+    ax.set_xticks([])
 
 
 def render_dashboard(base: str, dash: Json, window: Window, out_dir: Path, prefer: Mapping[str, str]) -> Path:
