@@ -123,7 +123,7 @@ class FleetStack:
         """Instant query on the central store (Prometheus query API)."""
         from dashboards.live import prom_api
 
-        return list(prom_api(self.vm_url, "query", {"query": promql})["result"])
+        return list(prom_api(self.vm_url, "query", {"query": promql}, timeout=30)["result"])
 
     def value(self, promql: str) -> float | None:
         result = self.query(promql)
