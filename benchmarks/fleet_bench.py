@@ -140,7 +140,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--nodes", type=int, default=64)
     p.add_argument("--agents", type=int, default=2, help="Prometheus agents (hashmod shards)")
     p.add_argument("--scrape-interval", type=int, default=5, help="seconds (production default: 15)")
-    p.add_argument("--eval-interval", type=int, default=1, help="vmalert evaluation, seconds (fast profile: 1)")
+    p.add_argument("--eval-interval", type=int, default=5,
+                   help="vmalert evaluation, seconds (1 overloads 2 cores from 512 GPUs on; see docs/scaling.md)")
     p.add_argument("--window", type=float, default=60.0, help="seconds of steady state to measure")
     p.add_argument("--xids", type=int, default=5, help="XID faults to time (each on another node)")
     p.add_argument("--render", type=Path, default=None, metavar="DIR",

@@ -72,11 +72,11 @@ def fleet_rollup() -> Json:
         ], unit="none", minimum=0, thr=BAD, stepped=True, w=12),
         row("Where to look"),
         state_timeline(f"Top {TOP} hosts by GPUs down or idle", [
-            target(f"topk({TOP}, sum by (host) (host_model:gpus_down:sum{{{M}}} * 2 + host_model:gpus_idle:sum{{{M}}}))",
-                   "{{host}}"),
+            target(f"topk({TOP}, 2 * (sum by (host) (host_model:gpus_down:sum{{{M}}}) > bool 0)"
+                   f" + (sum by (host) (host_model:gpus_idle:sum{{{M}}}) > bool 0))", "{{host}}"),
         ], unit="none", thr=thresholds((1, "orange"), (2, "red")),
-            description="Worst hosts over time: green all busy, orange idle GPUs, red GPUs down "
-                        "(down counts twice). The table below names them now."),
+            description="The worst hosts over time: green every GPU busy, orange some idle, red some down. "
+                        "The tables below count them now."),
         table(f"Top {TOP} hosts: GPUs down and idle", [
             target(f"topk({TOP}, sum by (host) (host_model:gpus_down:sum{{{M}}}))", table=True),
             target(f"topk({TOP}, sum by (host) (host_model:gpus_idle:sum{{{M}}}))", table=True),
