@@ -11,7 +11,7 @@ is complete. So this subclasses uvicorn's own protocol class and:
 - keeps every connection, TLS handshakes included, in one ``ConnectionTable`` of ``MAX_CONNECTIONS``
   (``--max-connections``). A new connection at the cap evicts the one that has been waiting longest
   without a request in progress (idle keep-alive, never sent anything, head still arriving, handshake
-  not done), closing it quietly; only when every connection is serving a request is the new one
+  not done) or whose client has not read its response for ``SLOW_READER_SECONDS``, closing it; only when every connection is serving a request is the new one
   refused with 503, logged at most once a minute;
 - does TLS itself (``loop.start_tls`` after accept) under ``TLS_HANDSHAKE_TIMEOUT_SECONDS``;
 - answers 431 and closes when a request head (request line + headers) exceeds ``MAX_HEAD_BYTES``;
@@ -38,6 +38,7 @@ log = logging.getLogger(__name__)
 
 MAX_HEAD_BYTES = 64 * 1024
 HEAD_TIMEOUT_SECONDS = 10.0
+SLOW_READER_SECONDS = 10.0  # a response the client has not read for this long no longer holds its slot
 MAX_BODY_BYTES = 1024 * 1024
 MAX_CONNECTIONS = 512  # a node has a few scrapers and one pusher per training process
 TLS_HANDSHAKE_TIMEOUT_SECONDS = 5.0
@@ -121,6 +122,7 @@ def guarded_protocol_class(
     head_timeout_seconds: float = HEAD_TIMEOUT_SECONDS,
     max_body_bytes: int = MAX_BODY_BYTES,
     table: ConnectionTable | None = None,
+    slow_reader_seconds: float = SLOW_READER_SECONDS,
 ) -> type[asyncio.Protocol]:
     """uvicorn's HTTP protocol class (httptools when installed, else h11) with the limits above.
 
@@ -148,6 +150,7 @@ def guarded_protocol_class(
             self._slot = self if slot is None else slot
             self._seen_cycle: Any = None
             self._head_timer: asyncio.TimerHandle | None = None
+            self._write_paused_at: float | None = None
             self._in_head = True
             self._count = 0
             self._admitted = slot is not None or connections.admit(self)
@@ -169,12 +172,25 @@ def guarded_protocol_class(
             asyncio.get_running_loop().call_later(REFUSAL_LINGER_SECONDS, transport.close)
 
         def evictable(self) -> bool:
-            return bool(self._in_head)
+            """No request in progress, or a response its client has stopped reading."""
+            paused = self._write_paused_at
+            return bool(self._in_head) or (paused is not None and self.loop.time() - paused >= slow_reader_seconds)
 
         def evict(self) -> None:
-            if not self.transport.is_closing():
+            if self._write_paused_at is not None:
+                log.debug("dropping a connection from %s that stopped reading its response", self.client)
+                self.transport.abort()  # close() would wait for the unread response to drain: forever
+            elif not self.transport.is_closing():
                 log.debug("closing an idle connection from %s to make room for a new one", self.client)
                 self.transport.close()
+
+        def pause_writing(self) -> None:
+            self._write_paused_at = self.loop.time()
+            super().pause_writing()
+
+        def resume_writing(self) -> None:
+            self._write_paused_at = None
+            super().resume_writing()
 
         def _start_head(self) -> None:
             self._in_head = True

@@ -8,7 +8,7 @@ import contextlib
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
@@ -18,7 +18,7 @@ from starlette.requests import Request
 from starlette.responses import PlainTextResponse
 from starlette.routing import Route
 
-from exporter.web.http_limits import guarded_protocol_class, uvicorn_limits
+from exporter.web.http_limits import ConnectionTable, guarded_protocol_class, uvicorn_limits
 from harness.support import free_port, start_exporter, wait_until
 
 HEAD, TIMEOUT, BODY = 4096, 1.0, 100_000
@@ -169,6 +169,57 @@ def test_idle_connections_make_room_and_busy_ones_do_not() -> None:
             assert read_all(s).startswith(b"HTTP/1.1 200")
             s.close()
     finally:
+        srv.should_exit = True
+        thread.join(10)
+
+
+def test_clients_that_stop_reading_lose_their_slot(caplog: pytest.LogCaptureFixture) -> None:
+    """A response its client never reads holds a connection only for slow_reader_seconds: then a new
+    connection at the cap takes the slot (the slow one is aborted), and nothing is logged as an error."""
+    import logging
+
+    from starlette.responses import StreamingResponse
+
+    chunk, chunks = b"x" * 65536, 256  # 16 MiB in pieces: the response stays in progress while unread
+
+    async def huge(request: Request) -> StreamingResponse:
+        async def body() -> AsyncIterator[bytes]:
+            for _ in range(chunks):
+                yield chunk
+
+        return StreamingResponse(body())
+
+    app = Starlette(routes=[Route("/echo", echo, methods=["GET", "POST"]), Route("/huge", huge)])
+    port = free_port()
+    table = ConnectionTable(3)
+    http = guarded_protocol_class(table=table, slow_reader_seconds=0.5)
+    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None, lifespan="off",
+                                        http=http, limit_concurrency=None))
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    slow: list[socket.socket] = []
+    try:
+        wait_until(lambda: srv.started, timeout=10, message="uvicorn started")
+        with caplog.at_level(logging.WARNING):
+            for _ in range(3):
+                s = socket.socket()
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+                s.connect(("127.0.0.1", port))
+                s.sendall(b"GET /huge HTTP/1.1\r\nHost: x\r\n\r\n")
+                slow.append(s)
+            wait_until(lambda: len(table) == 3 and all(e._write_paused_at for e in table._entries), timeout=20,
+                       message="three responses stuck unread")
+            wait_until(lambda: any(e.evictable() for e in table._entries), timeout=10, message="slow for 0.5 s")
+            with connect(("127.0.0.1", port)) as fresh:
+                fresh.sendall(request(b"ok", close=True))
+                assert read_all(fresh).startswith(b"HTTP/1.1 200")
+            assert table.evicted == 1 and table.refused == 0
+            # The evicted one was aborted, not left to drain a response nobody reads.
+            assert len(read_all(slow[0], 5)) < chunks * len(chunk)
+        assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text
+    finally:
+        for s in slow:
+            s.close()
         srv.should_exit = True
         thread.join(10)
 
