@@ -280,6 +280,9 @@ def serve(runtime: Runtime) -> int:
         **runtime.uvicorn_options,
     )
     server = uvicorn.Server(config)
+    from exporter.web.http_limits import OncePerMinute
+
+    logging.getLogger("uvicorn.error").addFilter(OncePerMinute())  # a line per bad request: any client's to flood
     stopped_by: list[int] = []
     # uvicorn re-raises the signal it shut down on after restoring these handlers: record it instead
     # of dying from it, so cleanup below runs and the exit status is 0.

@@ -117,6 +117,31 @@ class ConnectionTable:
             self._refused_unlogged = 0
 
 
+class OncePerMinute(logging.Filter):
+    """Lets each distinct message (its format string) through at most once per ``interval``; the next
+    one that passes says how many were held back. On uvicorn's logger: it writes a line per malformed
+    request or failed connection, which any client can turn into a log flood."""
+
+    def __init__(self, interval: float = 60.0) -> None:
+        super().__init__()
+        self.interval = interval
+        self._seen: dict[str, tuple[float, int]] = {}  # format string -> (last let through, held back)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        key = str(record.msg)[:200]
+        now = time.monotonic()
+        last, held = self._seen.get(key, (-math.inf, 0))
+        if now - last < self.interval:
+            self._seen[key] = (last, held + 1)
+            return False
+        if len(self._seen) >= 256:  # format strings come from code: a few dozen at most
+            self._seen.clear()
+        self._seen[key] = (now, 0)
+        if held:
+            record.msg = f"{record.msg} ({held} more like this in the last {self.interval:.0f} s)"
+        return True
+
+
 def guarded_protocol_class(
     max_head_bytes: int = MAX_HEAD_BYTES,
     head_timeout_seconds: float = HEAD_TIMEOUT_SECONDS,

@@ -315,6 +315,20 @@ def test_schema_is_strict(exporter: tuple[ManagedProcess, str], change: dict[str
     assert field in doc["error"], doc
 
 
+def test_malformed_requests_do_not_flood_the_log(exporter: tuple[ManagedProcess, str]) -> None:
+    """uvicorn writes a warning per malformed request: at most one a minute reaches the log."""
+    proc, base = exporter
+    host, _, port = base.removeprefix("http://").partition(":")
+    for _ in range(50):
+        with socket.create_connection((host, int(port)), timeout=10) as s:
+            s.sendall(b"\x00\x01garbage\r\n\r\n")
+            with contextlib.suppress(OSError):
+                s.recv(100)
+    assert http_get(base + "/healthz")[0] == 200
+    proc.stop()
+    assert 1 <= proc.log().count("Invalid HTTP request") <= 2, proc.log()
+
+
 def test_oversized_simulator_event_is_refused_without_a_traceback(exporter: tuple[ManagedProcess, str]) -> None:
     proc, base = exporter
     host, _, port = base.removeprefix("http://").partition(":")
