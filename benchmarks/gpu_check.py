@@ -14,7 +14,11 @@ Run through ``benchmarks/gpu_check.sh`` (it installs the wheels the GPU machine 
    per-process memory (``gpu_process_memory_used_bytes`` carries ``training_job``).
 4. **Side by side with nvitop-exporter** on the same card: /metrics latency p50/p99 of both and the
    memory-used values they report.
-5. The hook overhead benchmark (``python -m benchmarks.hook_overhead --cuda``).
+5. **DDP wait timing without a sync** (issue 16): a 1-rank NCCL DDP job with ``mon.watch_ddp`` under
+   ``set_sync_debug_mode("warn")``: no more sync warnings than without the hook; the CUDA-event-timed
+   collective wait reaches the exporter (``training_collective_wait_seconds_total`` > 0) and the hook's
+   device UUID matches the GPU's (``training_process_gpu_info``).
+6. The hook overhead benchmark (``python -m benchmarks.hook_overhead --cuda``).
 
 Prints a report and writes the same as JSON (``--out``). Exit 1 when a check failed.
 """
@@ -279,6 +283,70 @@ def check_side_by_side(exp: Exporter, log_dir: Path, n: int) -> dict[str, Any]:
             "failures": []}
 
 
+def _ddp_loop(steps: int, watch: bool, exporter_url: str) -> int:
+    """1-rank NCCL DDP steps that never sync by themselves; returns the sync warnings seen."""
+    import torch
+
+    import exporter.hook as gpu_hook
+
+    dev = torch.device("cuda")
+    model = torch.nn.Sequential(torch.nn.Linear(1024, 4096), torch.nn.GELU(), torch.nn.Linear(4096, 1024)).to(dev)
+    ddp = torch.nn.parallel.DistributedDataParallel(model, device_ids=[0])
+    mon = gpu_hook.start(job="gpu-check-ddp", url=exporter_url, interval=0.2)
+    if watch:
+        assert mon.watch_ddp(ddp), "watch_ddp could not register"
+    opt = torch.optim.SGD(ddp.parameters(), lr=1e-3)
+    x = torch.randn(256, 1024, device=dev)
+    for _ in range(10):  # warm-up (DDP rebuilds its buckets after the first step)
+        ddp(x).square().mean().backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            for _ in range(steps):
+                with mon.step(samples=256):
+                    ddp(x).square().mean().backward()
+                    opt.step()
+                    opt.zero_grad(set_to_none=True)
+                mon.build_payload()  # the sender's work (reads the CUDA events) on this thread too
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    torch.cuda.synchronize()
+    time.sleep(0.5)  # a push after the events completed
+    gpu_hook.stop()
+    return sum(1 for w in caught if "synchroniz" in str(w.message).lower())
+
+
+def check_ddp_wait_timing(exp: Exporter, steps: int) -> dict[str, Any]:
+    """Issue 16 on a GPU: watch_ddp adds no sync; the device-timed wait and the device UUID arrive."""
+    import torch.distributed as dist
+
+    dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+    try:
+        without = _ddp_loop(steps, False, exp.base)
+        with_watch = _ddp_loop(steps, True, exp.base)
+    finally:
+        dist.destroy_process_group()
+    series = scrape(exp.base)
+    waits = find(series, "training_collective_wait_seconds_total", training_job="gpu-check-ddp")
+    uuids = [lab.get("uuid") for lab, _ in series.get("training_process_gpu_info", [])
+             if lab.get("training_job") == "gpu-check-ddp"]
+    smi = subprocess.run(["nvidia-smi", "--query-gpu=uuid", "--format=csv,noheader"],
+                         capture_output=True, text=True, check=False).stdout.split()
+    failures = []
+    if with_watch > without:
+        failures.append(f"watch_ddp added {with_watch - without} synchronising CUDA operations")
+    if not waits or max(waits) <= 0:
+        failures.append(f"no device-timed collective wait reached the exporter: {waits}")
+    if not uuids or not set(uuids) <= set(smi):
+        failures.append(f"hook device UUID {uuids} not among nvidia-smi's {smi}")
+    return {"sync_warnings": {"without": without, "with_watch_ddp": with_watch},
+            "collective_wait_seconds": waits, "gpu_uuids": uuids, "failures": failures}
+
+
 def run_hook_overhead_benchmark() -> dict[str, Any]:
     proc = subprocess.run([sys.executable, "-m", "benchmarks.hook_overhead", "--cuda"], cwd=REPO, capture_output=True, text=True, timeout=600)
     return {"exit": proc.returncode, "output": proc.stdout[-6000:] + proc.stderr[-2000:],
@@ -304,6 +372,7 @@ def main() -> int:
             ("links_throttle_recovery_mig_vs_nvidia_smi", lambda: check_links_vs_smi(lambda: scrape(exp.base))),
             ("hook_sync_and_speed", lambda: check_hook_sync_and_speed(exp, args.steps, args.repeats)),
             ("real_oom", lambda: check_real_oom(exp, log_dir)),
+            ("ddp_wait_timing", lambda: check_ddp_wait_timing(exp, args.steps)),
             ("side_by_side_nvitop_exporter", lambda: check_side_by_side(exp, log_dir, args.scrapes)),
             ("hook_overhead_benchmark", run_hook_overhead_benchmark),
         ):

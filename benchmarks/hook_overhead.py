@@ -9,7 +9,11 @@ Three measurements, each with and without the hook in the same process, alternat
 2. workload: the sample workload's training step (``workload.train``: model, synthetic batch, losses,
    CPU), each step timed, blocks alternating with and without the hook; step-time ratio = median
    seconds per step with / without.
-3. ``--cuda``: the micro loop on the GPU with a CUDA loss tensor under
+3. ddp (issue 16): ``mon.watch_ddp`` (comm hook around the all-reduce + forward pre-hooks around the
+   buffer broadcast) on a 1-rank gloo DDP model of 4 parameter buckets: µs per step with the watched
+   and an identical unwatched DDP model, alternating blocks (DDP accepts one comm hook and none can
+   be removed, hence two models).
+4. ``--cuda``: the micro loop on the GPU with a CUDA loss tensor under
    ``torch.cuda.set_sync_debug_mode("error")``, plus the sender's payload build (allocator stats, OOM
    observer) on the training thread: any synchronising call the hook makes raises and fails the run.
 
@@ -229,6 +233,58 @@ def cuda_sync_check(steps: int, url: str) -> str | None:
     return None
 
 
+def ddp_watch(blocks: int, block_steps: int, url: str, push_interval: float) -> dict[str, float]:
+    """Median µs per DDP step (1 rank, gloo) without / with ``mon.watch_ddp`` (both inside ``mon.step``)."""
+    import torch.distributed as dist
+
+    own_group = not dist.is_initialized()
+    if own_group:
+        store = dist.HashStore()
+        dist.init_process_group("gloo", store=store, rank=0, world_size=1)
+    mon = gpu_hook.start(job="hook-overhead-ddp", url=url, interval=push_interval)
+
+    def model() -> torch.nn.Module:
+        torch.manual_seed(0)
+        net = torch.nn.Sequential(*[torch.nn.Linear(64, 64) for _ in range(4)], torch.nn.BatchNorm1d(64))
+        # bucket_cap_mb tiny: one bucket per layer, so the per-bucket callback cost is counted 4-5 times
+        return torch.nn.parallel.DistributedDataParallel(net, bucket_cap_mb=0.01)
+
+    plain_model, watched_model = model(), model()
+    assert mon.watch_ddp(watched_model)
+    x = torch.randn(8, 64)
+
+    def run(net: torch.nn.Module) -> None:
+        for _ in range(block_steps):
+            with mon.step(samples=8):
+                net(x).sum().backward()
+
+    runs: dict[str, list[float]] = {"without": [], "with": []}
+    pairs: list[float] = []
+    for i in range(blocks + 2):
+        order = [("without", plain_model), ("with", watched_model)]
+        if i % 2:
+            order.reverse()
+        per: dict[str, float] = {}
+        for name, net in order:
+            t0 = time.perf_counter()
+            run(net)
+            per[name] = (time.perf_counter() - t0) / block_steps * 1e6
+        if i >= 2:
+            for name in runs:
+                runs[name].append(per[name])
+            pairs.append(per["with"] - per["without"])
+    waited = mon.collective_wait_seconds
+    gpu_hook.stop(flush=True)
+    if own_group:
+        dist.destroy_process_group()
+    return {
+        "without_us": statistics.median(runs["without"]),
+        "with_us": statistics.median(runs["with"]),
+        "overhead_us": statistics.median(pairs),
+        "collective_wait_s": waited,
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     p.add_argument("--blocks", type=int, default=60, help="alternating micro blocks per side")
@@ -265,6 +321,12 @@ def main(argv: list[str] | None = None) -> int:
         f"with hook {w['with_ms']:.3f} ms/step; step-time ratio {w['ratio']:.4f} "
         f"(median of block ratios {w['ratio_blocks']:.4f}, blocks {w['ratio_min']:.4f}..{w['ratio_max']:.4f}); "
         f"micro overhead / step time = {m['overhead_us'] / (w['without_ms'] * 1e3) * 100:.3f} %"
+    )
+    d = ddp_watch(max(6, args.blocks // 3), max(50, args.block_steps // 20), url, args.push_interval)
+    print(
+        f"ddp (1 rank, gloo, 5 buckets): without watch_ddp {d['without_us']:.1f} µs/step, with "
+        f"{d['with_us']:.1f} µs/step, overhead median {d['overhead_us']:.2f} µs/step "
+        f"(collective wait recorded: {d['collective_wait_s']:.4f} s)"
     )
     status = 0
     if args.cuda:

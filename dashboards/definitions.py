@@ -318,6 +318,19 @@ def training_job() -> Json:
         stat("Non-finite losses (time range)", [
             target(f"sum(increase(training_nonfinite_loss_total{{{s}}}[$__range]))", "NaN/Inf"),
         ], unit="none", thr=ERROR_THRESHOLDS),
+        # issue 16: where each rank is now, and processes that ended abnormally
+        table("Phase per rank", [
+            target(f"time() - (training_phase_start_timestamp_seconds{{{s}}}"
+                   f" * on (host, training_job, rank, pid) group_left (phase) (training_phase{{{s}}} == 1))",
+                   table=True),
+        ], unit="s", thr=thresholds((60, "orange"), (300, "red")), w=18, h=6,
+            hide=("Time", "__name__", "instance", "job", "local_rank", "world_size", "training_job"),
+            description="What each rank's training thread does now (data, compute, collective, checkpoint, "
+                        "between_steps) and for how long: in a hang the culprit is the rank not in collective."),
+        stat("Abnormal ends (still tracked)", [
+            target(f'count(training_exit_timestamp_seconds{{{s}, reason!="normal"}}) or vector(0)', "ended"),
+        ], unit="none", thr=ERROR_THRESHOLDS, w=6, h=6,
+            description="Ranks that crashed, were signalled or vanished (training_exit_timestamp_seconds)."),
         row("Step time and throughput"),
         timeseries("Step time per rank", [target(step_time, "rank {{rank}}")], unit="s", minimum=0,
                    thr=NO_THRESHOLDS, description="Mean wall time per step; a straggler rank stands out."),
@@ -326,6 +339,15 @@ def training_job() -> Json:
             target(f"rate(training_data_wait_seconds_total{{{s}}}[$__rate_interval])", "data wait rank {{rank}}"),
         ], unit="percentunit", minimum=0, thr=thresholds((0.2, "orange")),
             description="Share of wall time computing vs waiting for the next batch."),
+        timeseries("Own work and waits per step, per rank", [
+            target(f"(rate(training_step_duration_seconds_sum{{{s}}}[$__rate_interval])"
+                   f" - rate(training_collective_wait_seconds_total{{{s}}}[$__rate_interval]))"
+                   f" / rate(training_steps_total{{{s}}}[$__rate_interval])", "own work rank {{rank}}"),
+            target(f"rate(training_collective_wait_seconds_total{{{s}}}[$__rate_interval])"
+                   f" / rate(training_steps_total{{{s}}}[$__rate_interval])", "waiting for others rank {{rank}}"),
+        ], unit="s", minimum=0, thr=NO_THRESHOLDS,
+            description="Under synchronous DDP every rank's step takes as long as the slowest rank's; the "
+                        "straggler is the rank with the most own work and the least waiting."),
         timeseries("Throughput", [
             target(f"sum(training_samples_per_second{{{s}}})", "samples/s (hook average)"),
             target(f"sum(rate(training_samples_total{{{s}}}[$__rate_interval]))", "samples/s"),
@@ -345,6 +367,12 @@ def training_job() -> Json:
                    "rank {{rank}}"),
         ], unit="none", minimum=0, thr=thresholds((1, "orange")), w=8,
             description="Cache flush and retry: the allocator is close to running out."),
+        table("At the last OOM: other holders of that GPU's memory", [
+            target(f"training_oom_memory_holder_bytes{{{s}}}", table=True),
+        ], unit="bytes", thr=NO_THRESHOLDS, w=24, h=6,
+            hide=("Time", "__name__", "instance", "job", "local_rank", "world_size", "training_job"),
+            description="Taken when the exporter learned of the rank's CUDA OOM (kept after the rank died): "
+                        "who else filled the GPU."),
         row("Authentication"),
         timeseries("Auth failures", [
             target(f"sum by (service, status_code) {_new_or_increase('training_auth_failures_total', s)}",

@@ -124,6 +124,7 @@ def _training_feature(settings: Settings, procfs: Any) -> tuple[Feature, Any]:
     labels GPU processes with job and rank. Returns the feature and the store (the ingest guard counts
     its refusals there)."""
     from exporter.attribution.training import TrainingJoin
+    from exporter.attribution.training_diagnosis import TrainingDiagnosis
     from exporter.collectors.training import TrainingCollector
     from exporter.exposition import Source
     from exporter.ingest.router import make_ingest_router
@@ -141,9 +142,12 @@ def _training_feature(settings: Settings, procfs: Any) -> tuple[Feature, Any]:
         store.expire()  # a process past its TTL must change the output even with no new push
         return store.generation
 
+    join = TrainingJoin(lambda: [p.report for p in store.processes()], procfs)
+    diagnosis = TrainingDiagnosis(store, procfs, join.namespace_of)  # issue 16: GPU, OOM co-tenants, vanished
+
     feature = Feature(
         "training",
-        enricher=TrainingJoin(lambda: [p.report for p in store.processes()], procfs),
+        enricher=lambda snapshot: diagnosis(join(snapshot)),
         source=Source("training", TrainingCollector(store, settings.host_label), generation=training_generation),
         router=make_ingest_router(store),
         status=lambda: {"processes": store.stats()[2], "series": store.series},

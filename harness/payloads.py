@@ -61,4 +61,6 @@ def largest_push(pid: int, seq: int = 1, job: str = "job", label_length: int = 1
         "auth_failures": [{"service": s, "status_code": label("code"), "count": seq} for s in svc],
         "token_expiry": {s: 1_800_000_000.0 for s in svc},
         "api_quota": {s: {"remaining": 10.0, "limit": 100.0} for s in svc},
+        "phase": "compute",
+        "exit": {"reason": "exception", "detail": label("exc"), "timestamp": 1_700_000_001.0},
     }

@@ -9,14 +9,24 @@ Faults (--fault, repeatable; STEP counts from 1 on every rank):
   oom@STEP            CUDA out of memory inside step STEP, caught by the training loop (training
                       goes on). CUDA: a real over-allocation; CPU: a genuine torch.OutOfMemoryError
                       raised inside the step.
-  stall@STEP:SECONDS  no progress for SECONDS before step STEP (a hung input pipeline).
+  stall@STEP:SECONDS[:RANK]  no progress for SECONDS before step STEP (a hung input pipeline), on
+                      every rank or only on RANK (under DDP the others then wait in the all-reduce).
   slow-rank@RANK:FACTOR  rank RANK's input pipeline is FACTOR times slower than its step: its data
                       wait grows (and under DDP the other ranks' compute, waiting in all-reduce).
+  slow-compute@RANK:FACTOR  rank RANK's own compute takes about FACTOR times as long (it sleeps inside
+                      the step, before backward): under DDP the other ranks wait for it in the all-reduce.
+  crash@STEP          step STEP raises RuntimeError, uncaught: the process ends with a traceback.
   nan@STEP[:COUNT]    the loss is NaN from step STEP on (for COUNT steps; default: to the end);
                       the optimizer step is skipped, as AMP's GradScaler does.
   auth@SECONDS        batches come over HTTP from workload.token_server with a bearer token that
                       expires after SECONDS; from then on every fetch gets 401 "Authentication
                       failed" (recorded by the hook) and the step uses a local batch.
+
+A simulated GPU (--sim-gpu INDEX, with an exporter running --simulate at --exporter-url): each step
+the job asks the exporter's simulated device for its memory (--sim-memory held, plus --sim-transient
+during the step, growing by --sim-grow per step up to --sim-memory-max); when the device has no room
+the step raises a genuine torch.OutOfMemoryError with CUDA's message. --exit-on-oom lets it end the
+process instead of being caught.
 """
 
 from __future__ import annotations
@@ -73,6 +83,9 @@ class Faults:
     oom_steps: set[int] = field(default_factory=set)
     stalls: dict[int, float] = field(default_factory=dict)
     slow_ranks: dict[int, float] = field(default_factory=dict)
+    slow_compute: dict[int, float] = field(default_factory=dict)
+    stall_ranks: dict[int, int] = field(default_factory=dict)  # step -> the only rank that stalls
+    crash_step: int | None = None
     nan_from: int | None = None
     nan_count: int | None = None
     auth_ttl: float | None = None
@@ -92,8 +105,16 @@ def parse_faults(specs: list[str]) -> Faults:
             if kind == "oom":
                 faults.oom_steps.add(int(arg))
             elif kind == "stall":
-                step, seconds = arg.split(":")
+                step, seconds, *only = arg.split(":")
                 faults.stalls[int(step)] = float(seconds)
+                if only:
+                    (rank,) = only
+                    faults.stall_ranks[int(step)] = int(rank)
+            elif kind == "slow-compute":
+                rank, factor = arg.split(":")
+                faults.slow_compute[int(rank)] = float(factor)
+            elif kind == "crash":
+                faults.crash_step = int(arg)
             elif kind == "slow-rank":
                 rank, factor = arg.split(":")
                 faults.slow_ranks[int(rank)] = float(factor)
@@ -173,6 +194,65 @@ def inject_oom(device: torch.device, step: int) -> None:
     )
 
 
+_UNITS = {"KiB": 1 << 10, "MiB": 1 << 20, "GiB": 1 << 30, "B": 1}
+
+
+def parse_bytes(text: str) -> int:
+    """``8GiB``, ``512MiB`` or a plain number of bytes."""
+    for unit, factor in _UNITS.items():
+        if text.endswith(unit):
+            return int(float(text[: -len(unit)]) * factor)
+    return int(text)
+
+
+def _gib(n: float) -> str:
+    return f"{n / (1 << 30):.2f} GiB"
+
+
+class SimulatedGpuMemory:
+    """This process's memory on one of the exporter's simulated GPUs (POST /-/simulate/events
+    ``allocate``): the device, not this class, decides whether an allocation fits, so two jobs sharing
+    a simulated GPU really compete for it."""
+
+    def __init__(self, url: str, index: int, held: int, transient: int, grow: int, cap: int | None) -> None:
+        self.url = url.rstrip("/") + "/-/simulate/events"
+        self.index = index
+        self.held = held
+        self.transient = transient
+        self.grow = grow
+        self.cap = cap
+        self._opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+        self._allocate(held, held)
+
+    def _allocate(self, total: int, requested: int) -> None:
+        body = {"gpu": self.index, "allocate": {"pid": os.getpid(), "type": "compute", "used_memory_bytes": total}}
+        req = urllib.request.Request(
+            self.url, data=json.dumps(body).encode(), method="POST", headers={"Content-Type": "application/json"}
+        )
+        try:
+            with self._opener.open(req, timeout=10) as resp:
+                resp.read()
+        except urllib.error.HTTPError as err:
+            if err.code != 409:
+                raise
+            info = json.loads(err.read() or b"{}")
+            raise torch.OutOfMemoryError(
+                f"CUDA out of memory. Tried to allocate {_gib(requested)}. GPU {self.index} has a total capacity "
+                f"of {_gib(info.get('total_bytes', 0))} of which {_gib(info.get('free_bytes', 0))} is free. "
+                f"Process {os.getpid()} has {_gib(self.held)} memory in use. (simulated device)"
+            ) from None
+
+    def step(self) -> None:
+        """Inside a step: grow the held memory, then take (and give back) the step's transient memory."""
+        if self.grow and (self.cap is None or self.held < self.cap):
+            target = self.held + self.grow if self.cap is None else min(self.held + self.grow, self.cap)
+            self._allocate(target, target - self.held)
+            self.held = target
+        if self.transient:
+            self._allocate(self.held + self.transient, self.transient)
+            self._allocate(self.held, 0)
+
+
 @dataclass
 class Result:
     steps: int = 0
@@ -210,6 +290,8 @@ def train(args: argparse.Namespace, rank: int, world_size: int) -> Result:
     model: nn.Module = MultiTaskNet(args.width).to(device)
     if world_size > 1:
         model = nn.parallel.DistributedDataParallel(model)
+        if mon is not None:
+            mon.watch_ddp(model)  # times the all-reduce apart from this rank's own work
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     scaler = torch.amp.GradScaler("cuda", enabled=use_cuda)
 
@@ -238,7 +320,15 @@ def train(args: argparse.Namespace, rank: int, world_size: int) -> Result:
     with contextlib.suppress(ValueError):  # not the main thread (embedded use)
         signal.signal(signal.SIGTERM, on_term)
 
+    sim_gpu = None
+    if args.sim_gpu is not None:
+        sim_gpu = SimulatedGpuMemory(
+            args.exporter_url or os.environ.get("GPU_EXPORTER_URL") or "http://127.0.0.1:9835",
+            args.sim_gpu, parse_bytes(args.sim_memory), parse_bytes(args.sim_transient),
+            parse_bytes(args.sim_grow), parse_bytes(args.sim_memory_max) if args.sim_memory_max else None,
+        )  # fmt: skip
     result = Result(rank=rank, pid=os.getpid())
+    slow_compute = faults.slow_compute.get(rank)
     slow = faults.slow_ranks.get(rank)
     start = time.perf_counter()
     deadline = start + args.duration if args.duration else math.inf
@@ -249,7 +339,8 @@ def train(args: argparse.Namespace, rank: int, world_size: int) -> Result:
         try:
             with mon.step(samples=args.batch_size) if mon is not None else contextlib.nullcontext():
                 # --- input pipeline (data wait)
-                if step in faults.stalls:
+                t_own = time.perf_counter()
+                if step in faults.stalls and faults.stall_ranks.get(step, rank) == rank:
                     log.warning("fault: stalling %.1fs before step %d", faults.stalls[step], step)
                     time.sleep(faults.stalls[step])
                 seed = step * world_size + rank
@@ -267,11 +358,17 @@ def train(args: argparse.Namespace, rank: int, world_size: int) -> Result:
                 t0 = time.perf_counter()
                 if step in faults.oom_steps:
                     inject_oom(device, step)
+                if step == faults.crash_step:
+                    raise RuntimeError(f"injected crash in step {step} (workload.train --fault crash@{step})")
+                if sim_gpu is not None:
+                    sim_gpu.step()
                 with torch.autocast(device.type, enabled=use_cuda):
                     logits, attr_logits = model(images)
                     loss = F.cross_entropy(logits, classes) + F.binary_cross_entropy_with_logits(
                         attr_logits.float(), attributes
                     )
+                if slow_compute:  # own work FACTOR times as long: sleep (FACTOR-1) x this step's own time so far
+                    time.sleep((slow_compute - 1.0) * max(time.perf_counter() - t_own, 0.001))
                 if faults.nan_at(step):
                     loss = loss * float("nan")
                 optimizer.zero_grad(set_to_none=True)
@@ -283,6 +380,8 @@ def train(args: argparse.Namespace, rank: int, world_size: int) -> Result:
                 scaler.update()
                 last_compute = time.perf_counter() - t0
         except torch.OutOfMemoryError as exc:
+            if args.exit_on_oom:
+                raise
             # What real jobs do: free what they can, log, skip the batch. The hook counted it anyway.
             result.ooms_caught += 1
             log.error("step %d: %s; skipping the batch", step, str(exc).splitlines()[0])
@@ -376,6 +475,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--token", default=None, help="bearer token for --data-url")
     p.add_argument("--token-file", default=None, help="file holding the bearer token for --data-url")
     p.add_argument("--quota", type=int, default=None, help="request quota of the in-process token server (auth fault)")
+    p.add_argument("--sim-gpu", type=int, default=None, metavar="INDEX", help="take memory on this simulated GPU of the exporter (--simulate)")
+    p.add_argument("--sim-memory", default="1GiB", help="memory held on the simulated GPU")
+    p.add_argument("--sim-transient", default="0", help="extra memory each step takes and gives back")
+    p.add_argument("--sim-grow", default="0", help="held memory grows by this much per step")
+    p.add_argument("--sim-memory-max", default=None, help="held memory stops growing here")
+    p.add_argument("--exit-on-oom", action="store_true", help="an OOM ends the process (uncaught) instead of skipping the batch")
     p.add_argument("--log-every", type=int, default=50, help="log the loss every N steps (0 = never)")
     p.add_argument("-v", "--verbose", action="store_true")
     return p

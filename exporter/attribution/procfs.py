@@ -56,6 +56,20 @@ class ProcFS:
             return None
         return None
 
+    def state(self, pid: int) -> str:
+        """The one-letter state of ``pid`` (R, S, D, Z, ...) from its stat file; raises OSError
+        (FileNotFoundError: the PID is gone)."""
+        stat = (self.root / str(pid) / "stat").read_text()
+        end = stat.rfind(")")  # the command name may contain spaces and parentheses
+        return stat[end + 2 : end + 3]
+
+    def pids(self) -> list[int]:
+        """Every PID under the root (empty when it cannot be listed)."""
+        try:
+            return [int(name) for name in os.listdir(self.root) if name.isdigit()]
+        except OSError:
+            return []
+
     def namespace_of(self, host_pid: int) -> tuple[int, int] | None:
         """(PID-namespace inode, PID inside that namespace) of a host PID; None if unknown."""
         inode = self.pid_namespace(host_pid)

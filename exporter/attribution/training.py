@@ -88,6 +88,11 @@ class TrainingJoin:
             gpus.append(dataclasses.replace(gpu, processes=tuple(procs)) if gpu_changed else gpu)
         return dataclasses.replace(snapshot, gpus=tuple(gpus)) if changed else snapshot
 
+    def namespace_of(self, host_pid: int) -> tuple[int, int] | None:
+        """(namespace inode, PID inside) of a host PID, cached (exporter.attribution.training_diagnosis
+        shares this cache)."""
+        return self._namespace_of(host_pid)
+
     def _namespace_of(self, host_pid: int) -> tuple[int, int] | None:
         now = self._clock()
         hit = self._ns_cache.get(host_pid)

@@ -19,7 +19,7 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
-from exporter.hook.schema import COUNTERS, FIGURE_BY_KEY, GAUGES
+from exporter.hook.schema import COUNTERS, FIGURE_BY_KEY, GAUGES, PHASES
 from exporter.ingest.store import IngestStore, TrackedProcess
 
 BASE_LABELS = ["host", "training_job", "rank", "local_rank", "world_size", "pid"]
@@ -107,6 +107,7 @@ class TrainingCollector(Collector):
                     q_limit.add_metric([*lv, service], limit)
 
         families: list[Metric] = [info, seen, duration, *counters.values(), *gauges.values()]
+        families += _diagnosis_families(processes)
         for fam in [*families, auth, expiry, q_remaining, q_limit]:
             if fam.samples:
                 out.append(fam)
@@ -140,3 +141,51 @@ class TrainingCollector(Collector):
         budget.add_metric([self._host], float(self._store.max_series))
         out.extend([req, rej, procs, series, budget])
         return out
+
+
+def _diagnosis_families(processes: dict[tuple[str, ...], TrackedProcess]) -> list[Metric]:
+    """Issue 16: phase (a state set), how the process ended, its GPU, the co-tenants at its last OOM."""
+    phase = GaugeMetricFamily(
+        "training_phase", "What the training thread is doing now (1 for the current phase)",
+        labels=[*BASE_LABELS, "phase"],
+    )
+    ended = GaugeMetricFamily(
+        "training_exit_timestamp_seconds",
+        "When the process ended and how: normal, exception (detail: its type), signal (detail: its name), "
+        "or vanished (its PID disappeared without a report; the time is its last push)",
+        labels=[*BASE_LABELS, "reason", "detail"],
+    )
+    gpu = GaugeMetricFamily(
+        "training_process_gpu_info", "The GPU this training process uses (as last seen)",
+        labels=[*BASE_LABELS, "gpu", "uuid"],
+    )
+    oom_gpu = GaugeMetricFamily(
+        "training_cuda_oom_gpu_info", "The GPU of this process's last CUDA OOM, once the exporter recorded it",
+        labels=[*BASE_LABELS, "gpu", "uuid"],
+    )
+    holders = GaugeMetricFamily(
+        "training_oom_memory_holder_bytes",
+        "At this process's last CUDA OOM: the largest other holders of that GPU's memory",
+        labels=[*BASE_LABELS, "gpu", "uuid", "holder_pid", "holder_training_job", "holder_rank",
+                "holder_container", "holder_pod"],
+    )
+    for labels, p in processes.items():
+        lv = list(labels)
+        r = p.report
+        if r.phase is not None:
+            for name in PHASES:
+                phase.add_metric([*lv, name], 1.0 if name == r.phase else 0.0)
+        ex = p.exit
+        if ex is not None:
+            ended.add_metric([*lv, ex[0], ex[1]], ex[2])
+        if p.gpu is not None:
+            gpu.add_metric([*lv, p.gpu.index, p.gpu.uuid], 1.0)
+        if p.oom is not None:
+            g = p.oom.gpu
+            oom_gpu.add_metric([*lv, g.index, g.uuid], 1.0)
+            for h in p.oom.holders:
+                holders.add_metric(
+                    [*lv, g.index, g.uuid, str(h.pid), h.training_job, h.rank, h.container, h.pod],
+                    float(h.used_memory_bytes),
+                )
+    return [phase, ended, gpu, oom_gpu, holders]

@@ -24,6 +24,7 @@ import sys
 import threading
 import weakref
 
+from exporter.hook import exits as _exits
 from exporter.hook.auth import auth_status, auth_status_from_response, jwt_expiry
 from exporter.hook.env import HOOK_ENV, JOB_ENV, PUSH_INTERVAL_ENV, URL_ENV
 from exporter.hook.monitor import Monitor
@@ -95,7 +96,9 @@ def start(
         except ValueError:
             period = 1.0
         sender = Sender(mon, url or os.environ.get(URL_ENV) or DEFAULT_URL, interval=period)
+        mon.push_interval = sender.interval
         _senders[mon] = sender
+        _exits.install(current, stop)  # issue 16: how the process ends goes into the last push
         try:
             sender.start()
         except Exception as exc:  # e.g. no threads left: keep recording, never fail training
@@ -116,6 +119,7 @@ def stop(flush: bool = True) -> None:
         return
     with _lock:
         _current = None
+    _exits.normal_end(mon)  # unless an exception or signal was noted first
     sender = _senders.pop(mon, None)
     if sender is not None:
         try:
@@ -142,6 +146,7 @@ def _after_fork_in_child() -> None:
         mon._after_fork_in_child()
     _current = None
     _senders.clear()
+    _exits.after_fork_in_child()
 
 
 if hasattr(os, "register_at_fork"):

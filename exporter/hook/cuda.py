@@ -108,6 +108,32 @@ def attach_oom_observer(callback: Callable[[int, int, int, int], None]) -> bool:
     return True
 
 
+_uuid_cache: dict[int, str] = {}
+
+
+def device_uuid(device: int | None) -> str:
+    """NVML-style UUID ("GPU-...") of the training device, "" before CUDA init. Read from the device
+    properties (host-side, cached): no sync. Lets the exporter tie an OOM to its GPU by UUID even when
+    CUDA_VISIBLE_DEVICES renumbers devices."""
+    if not cuda_initialized():
+        return ""
+    index = device if device is not None else 0
+    cached = _uuid_cache.get(index)
+    if cached is not None:
+        return cached
+    torch = torch_module()
+    value = ""
+    try:
+        if index >= torch.cuda.device_count():  # type: ignore[union-attr]
+            index = torch.cuda.current_device()  # type: ignore[union-attr]
+        raw = str(torch.cuda.get_device_properties(index).uuid)  # type: ignore[union-attr]
+        value = raw if raw.startswith(("GPU-", "MIG-")) else f"GPU-{raw}"
+    except Exception as exc:
+        log.debug("could not read the CUDA device UUID: %s", exc)
+    _uuid_cache[index] = value
+    return value
+
+
 class LossSampler:
     """Reads a CUDA loss tensor without a device sync: async copy to pinned memory + a CUDA event.
 

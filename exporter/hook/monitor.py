@@ -24,6 +24,8 @@ from typing import Any
 from exporter.attribution.procfs import namespace_inode
 from exporter.hook import auth as _auth
 from exporter.hook import cuda as _cuda
+from exporter.hook import progress as _progress
+from exporter.hook.progress import BETWEEN_STEPS, COMPUTE, DATA
 from exporter.hook.schema import FIGURES, MAX_SERVICES, SCHEMA_VERSION
 from exporter.hook.values import CheckedInputs, drop_unsendable, label, status_label
 
@@ -69,7 +71,7 @@ class _StepContext:
         # never swallow the exception: the training code decides what an error means
 
 
-class Monitor(CheckedInputs):
+class Monitor(CheckedInputs, _progress.Progress):
     """Records one training process's progress; a sender thread ships it to the exporter.
 
     Create it with :func:`exporter.hook.start`. All methods are safe to call from the training thread
@@ -122,6 +124,7 @@ class Monitor(CheckedInputs):
         self._t_begin: float | None = None
         self._t_data: float | None = None
         self._t_prev_end: float | None = None
+        self._init_progress()  # issue 16: phase, step index, collective waits, exit (exporter.hook.progress)
         # cumulative counters
         self.steps = 0
         self.step_seconds = 0.0
@@ -164,12 +167,16 @@ class Monitor(CheckedInputs):
 
     def step_begin(self) -> None:
         """Mark the start of a step (before fetching its batch when using :meth:`data_ready`)."""
-        self._t_begin = _perf()
+        t = self._t_begin = _perf()
         self._t_data = None
+        self.step_index += 1
+        self.phase, self.phase_since = (DATA if self._uses_data_ready else COMPUTE), t
 
     def data_ready(self) -> None:
         """Mark that this step's batch has arrived: splits data wait from compute."""
-        self._t_data = _perf()
+        t = self._t_data = _perf()
+        self._uses_data_ready = True
+        self.phase, self.phase_since = COMPUTE, t
 
     def step_end(self, samples: float | None = None, tokens: float | None = None) -> None:
         """Mark a completed step; ``samples``/``tokens`` processed in it feed the throughput gauges."""
@@ -191,11 +198,17 @@ class Monitor(CheckedInputs):
             samples = self._number(samples, "samples", nonneg=True)
         if tokens is not None and not ((type(tokens) is int or type(tokens) is float) and 0 <= tokens < _INF):
             tokens = self._number(tokens, "tokens", nonneg=True)
+        launch = self._coll_launch  # watch_ddp: own gradients done at `launch`, DDP's wait over at `_coll_done`
+        coll = self._coll_extra + (self._coll_done - launch if launch is not None and self._coll_done > launch else 0.0)
+        if coll:
+            self._coll_launch, self._coll_extra = None, 0.0
+            coll = min(coll, compute)
         with self._lock:
             self.steps += 1
             self.step_seconds += duration
             self.data_wait_seconds += wait
             self.compute_seconds += compute
+            self.collective_wait_seconds += coll
             if samples:
                 self.samples += samples
             if tokens:
@@ -205,13 +218,17 @@ class Monitor(CheckedInputs):
         self._t_prev_end = now
         self._t_begin = None
         self._t_data = None
+        self._step_exc, self.phase, self.phase_since = None, (BETWEEN_STEPS if self._uses_data_ready else DATA), now
 
     def _step_failed(self, exc: BaseException) -> None:
         """A step raised: count OOMs (even if the caller catches them), never count the step."""
         self._t_begin = None
         self._t_data = None
-        self._t_prev_end = _perf()
+        self._coll_launch, self._coll_extra = None, 0.0
+        t = self._t_prev_end = _perf()
+        self.phase, self.phase_since = (BETWEEN_STEPS if self._uses_data_ready else DATA), t
         try:
+            self._step_exc = label(type(exc).__name__)
             if _cuda.is_oom_exception(exc):
                 self.record_oom_exception(exc)
         except Exception:
@@ -392,6 +409,7 @@ class Monitor(CheckedInputs):
             if self.flops_per_step and self.peak_flops:
                 steps_per_s = (counters["steps"] - steps0) / dt
                 gauges["model_flops_utilization_ratio"] = self.flops_per_step * steps_per_s / self.peak_flops
+        extra = _progress.payload_fields(self, counters, gauges)
         # Last line of defence (allocator stats, a rate over a clock jump): nothing non-finite leaves.
         for key, value in drop_unsendable(counters, gauges):
             self._invalid(key, value)
@@ -419,6 +437,7 @@ class Monitor(CheckedInputs):
             "auth_failures": auth,
             "token_expiry": expiry,
             "api_quota": quota,
+            **extra,
         }
 
     def _device_name(self) -> str:

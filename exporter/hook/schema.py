@@ -84,6 +84,14 @@ FIGURES: tuple[Figure, ...] = (
            "Unix time of the last CUDA OOM", "oom_last_time"),
     Figure("invalid_values", "training_hook_invalid_values_total", "counter",
            "Values the hook's calls were given and dropped (non-finite or wrong type)", "invalid_values"),
+    # issue 16: progress and waits (exporter.hook.collectives, exporter.hook.monitor)
+    Figure("collective_wait_seconds", "training_collective_wait_seconds_total", "counter",
+           "Time steps waited for the other ranks in collectives (DDP all-reduce and buffer broadcast); "
+           "step time minus this is the rank's own work"),
+    Figure("step_index", "training_step_index", "gauge", "Steps begun by this process (failed ones included)",
+           "step_index"),
+    Figure("phase_start_timestamp_seconds", "training_phase_start_timestamp_seconds", "gauge",
+           "Unix time the training thread entered its current phase"),
 )
 # Keys every exporter since schema 1 accepts. A hook whose push was refused as invalid (e.g. a newer
 # hook against an older exporter) sends only these until a full push is accepted again.
@@ -95,12 +103,34 @@ GAUGES: dict[str, str] = {f.key: f.metric for f in FIGURES if f.kind == "gauge"}
 # Only ``loss`` may be NaN/Inf.
 NONFINITE_ALLOWED = frozenset({"loss"})
 
+# --- issue 16: progress and exits (top-level keys of a push)
+# "phase": what the training thread is doing now (gauge training_phase{phase}, a state set).
+PHASES = ("between_steps", "data", "compute", "collective", "checkpoint")
+# "exit": {"reason", "detail", "timestamp"} in the last push; "vanished" is the exporter's own verdict
+# for a reporting PID that disappeared without one.
+EXIT_REASONS = ("normal", "exception", "signal")
+EXIT_VANISHED = "vanished"
+# "push_interval_seconds": the sender's period, so the exporter knows when silence means trouble.
+# "gpu_uuid": the CUDA device's UUID (only once CUDA is initialised), so an OOM is tied to its GPU.
+
+# --- issue 16: progress and exits (top-level keys of a push)
+# "phase": what the training thread is doing now (gauge training_phase{phase}, a state set).
+PHASES = ("between_steps", "data", "compute", "collective", "checkpoint")
+# "exit": {"reason", "detail", "timestamp"} in the last push; "vanished" is the exporter's own verdict
+# for a reporting PID that disappeared without one.
+EXIT_REASONS = ("normal", "exception", "signal")
+EXIT_VANISHED = "vanished"
+# "push_interval_seconds": the sender's period, so the exporter knows when silence means trouble.
+# "gpu_uuid": the CUDA device's UUID (only once CUDA is initialised), so an OOM is tied to its GPU.
+
 # Per-service sections are bounded on both sides (the hook drops new services past this).
 MAX_SERVICES = 32
 MAX_LABEL_LENGTH = 128
 MAX_BODY_BYTES = 64 * 1024
 
 # The most series one push can add to /metrics (training_info, last_seen, the step-duration summary's
-# _sum and _count, every other counter and gauge, then per service: an auth failure count, a token
-# expiry, quota remaining and limit): the default per-process series budget (exporter.ingest.store).
-MAX_SERIES_PER_PROCESS = 4 + (len(COUNTERS) - 1) + len(GAUGES) + 4 * MAX_SERVICES
+# _sum and _count, every other counter and gauge, the phase state set and the exit, then per service:
+# an auth failure count, a token expiry, quota remaining and limit): the default per-process series
+# budget (exporter.ingest.store). What the exporter learns about a process (its GPU, OOM co-tenants)
+# is counted in the series in use but never refused.
+MAX_SERIES_PER_PROCESS = 4 + (len(COUNTERS) - 1) + len(GAUGES) + len(PHASES) + 1 + 4 * MAX_SERVICES

@@ -8,14 +8,46 @@ Thread-safe; every mutation bumps ``generation`` so the training collector can c
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from exporter.config import Settings
-from exporter.hook.schema import MAX_SERIES_PER_PROCESS
+from exporter.hook.schema import EXIT_VANISHED, MAX_SERIES_PER_PROCESS
 from exporter.ingest.validate import IngestError, TrainingReport
+
+ProcessKey = tuple[str, str, str, int, int | None]
+
+
+@dataclass(frozen=True, slots=True)
+class ProcessGpu:
+    """The GPU a training process uses (exporter.attribution.training_diagnosis finds it)."""
+
+    index: str
+    uuid: str
+
+
+@dataclass(frozen=True, slots=True)
+class Holder:
+    """Another process holding memory on the GPU that ran out."""
+
+    pid: int
+    used_memory_bytes: int
+    training_job: str
+    rank: str
+    container: str
+    pod: str
+
+
+@dataclass(frozen=True, slots=True)
+class OomRecord:
+    """Who else held the GPU when this process's OOM count last rose (kept after the process died)."""
+
+    oom_count: float
+    gpu: ProcessGpu
+    holders: tuple[Holder, ...]
 
 
 @dataclass(frozen=True, slots=True)
@@ -23,6 +55,28 @@ class TrackedProcess:
     report: TrainingReport
     last_seen: float  # wall clock (Unix seconds) when the exporter last accepted a push
     series: int = 0  # report.series, counted against the budget while tracked
+    # issue 16, learned by the exporter (kept across pushes): its GPU, its last OOM's co-tenants, and
+    # when its PID was found gone without an exit report
+    gpu: ProcessGpu | None = None
+    oom: OomRecord | None = None
+    vanished_at: float | None = None
+
+    @property
+    def learned_series(self) -> int:
+        """Series the learned facts add (collectors.training renders exactly these)."""
+        n = 1 if self.gpu is not None else 0
+        if self.oom is not None:
+            n += 1 + len(self.oom.holders)
+        return n + (1 if self.report.exit is None and self.vanished_at is not None else 0)
+
+    @property
+    def exit(self) -> tuple[str, str, float] | None:
+        """How the process ended: its own report, else "vanished" (at its last push), else None."""
+        if self.report.exit is not None:
+            return self.report.exit
+        if self.vanished_at is not None:
+            return (EXIT_VANISHED, "", self.last_seen)
+        return None
 
 
 class IngestStore:
@@ -105,8 +159,12 @@ class IngestStore:
                     f"{self.max_series} (--training-max-series)",
                     429,
                 )
-            self._processes[key] = TrackedProcess(report, now, cost)
-            self.series = in_use + cost
+            # What the exporter learned (issue 16) stays with the process and in the series in use.
+            kept = (old.gpu, old.oom) if old is not None else (None, None)
+            tracked = TrackedProcess(report, now, cost, *kept)
+            tracked = dataclasses.replace(tracked, series=cost + tracked.learned_series)
+            self._processes[key] = tracked
+            self.series = in_use + tracked.series
             self._requests["accepted"] += 1
             self.generation += 1
             return "accepted"
@@ -139,6 +197,19 @@ class IngestStore:
             self.series -= self._processes.pop(k).series
         if dead:
             self.generation += 1
+
+    def learn(self, key: ProcessKey, **facts: object) -> None:
+        """Attach what the exporter learned about a tracked process (``gpu``, ``oom``, ``vanished_at``;
+        issue 16). A process no longer tracked is ignored."""
+        with self._lock:
+            p = self._processes.get(key)
+            if p is not None:
+                new = dataclasses.replace(p, **facts)  # type: ignore[arg-type]
+                if new != p:
+                    new = dataclasses.replace(new, series=p.series - p.learned_series + new.learned_series)
+                    self.series += new.series - p.series
+                    self._processes[key] = new
+                    self.generation += 1
 
     # ------------------------------------------------------------------ reads
     def processes(self) -> list[TrackedProcess]:

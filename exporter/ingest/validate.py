@@ -15,18 +15,21 @@ from typing import Any
 
 from exporter.hook.schema import (
     COUNTERS,
+    EXIT_REASONS,
     GAUGES,
     IDENTITY_STR_KEYS,
     MAX_BODY_BYTES,
     MAX_LABEL_LENGTH,
     MAX_SERVICES,
     NONFINITE_ALLOWED,
+    PHASES,
     SCHEMA_VERSION,
 )
 
 _TOP_KEYS = frozenset(
     {"schema", "seq", "process_start_time", "sent_at", "identity", "counters", "gauges"}
     | {"auth_failures", "token_expiry", "api_quota"}
+    | {"phase", "exit", "push_interval_seconds", "gpu_uuid"}  # issue 16
 )
 
 
@@ -66,6 +69,11 @@ class TrainingReport:
     api_quota: dict[str, tuple[float, float | None]] = field(default_factory=dict)
     slurm_job: str = ""
     slurm_procid: str = ""
+    # issue 16: progress and exits
+    gpu_uuid: str = ""
+    phase: str | None = None
+    exit: tuple[str, str, float] | None = None  # (reason, detail, Unix time)
+    push_interval: float | None = None
 
     @property
     def series(self) -> int:
@@ -74,6 +82,7 @@ class TrainingReport:
         n = 2 + len(c) + len(self.gauges) + len(self.auth_failures) + len(self.token_expiry)  # + info, last_seen
         if "step_duration_seconds_sum" in c:  # a summary: _sum, plus _count when steps is known too
             n += 1 if "steps" in c else -1
+        n += (len(PHASES) if self.phase is not None else 0) + (1 if self.exit is not None else 0)  # issue 16
         return n + sum(1 if limit is None else 2 for _, limit in self.api_quota.values())
 
     @property
@@ -145,7 +154,7 @@ def validate_report(data: Any) -> TrainingReport:
     if "sent_at" in doc:  # informational (not stored), but typed like everything else
         _number(doc["sent_at"], "sent_at", nonneg=True)
     ident = _mapping(doc.get("identity"), "identity")
-    strings: dict[str, str] = {}
+    strings: dict[str, Any] = {}  # str values; Any: TrainingReport has non-str keyword fields too
     for key in IDENTITY_STR_KEYS:
         strings[key] = _string(ident.get(key, ""), f"identity.{key}", allow_empty=key != "training_job")
     extra = sorted(set(ident) - set(IDENTITY_STR_KEYS) - {"pid", "pid_namespace_inode"})
@@ -194,6 +203,7 @@ def validate_report(data: Any) -> TrainingReport:
             None if limit is None else _number(limit, f"api_quota.{svc}.limit"),
         )
     return TrainingReport(
+        **_progress(doc),
         seq=seq,
         process_start_time=start,
         pid=pid,
@@ -205,6 +215,36 @@ def validate_report(data: Any) -> TrainingReport:
         api_quota=quota,
         **strings,
     )
+
+
+def _progress(doc: Mapping[str, Any]) -> dict[str, Any]:
+    """Issue 16's top-level keys: phase, exit, push_interval_seconds, gpu_uuid (all optional)."""
+    out: dict[str, Any] = {}
+    phase = doc.get("phase")
+    if phase is not None:
+        if phase not in PHASES:
+            raise _schema_error(f"phase: expected one of {', '.join(PHASES)}, got {phase!r}")
+        out["phase"] = phase
+    ex = doc.get("exit")
+    if ex is not None:
+        e = _mapping(ex, "exit")
+        extra = sorted(set(e) - {"reason", "detail", "timestamp"})
+        if extra:
+            raise _schema_error(f"exit: unknown field(s) {', '.join(extra)}")
+        reason = e.get("reason")
+        if reason not in EXIT_REASONS:
+            raise _schema_error(f"exit.reason: expected one of {', '.join(EXIT_REASONS)}, got {reason!r}")
+        detail = _string(e.get("detail", ""), "exit.detail")
+        out["exit"] = (reason, detail, _number(e.get("timestamp"), "exit.timestamp", nonneg=True))
+    if doc.get("gpu_uuid") is not None:
+        out["gpu_uuid"] = _string(doc.get("gpu_uuid"), "gpu_uuid")
+    interval = doc.get("push_interval_seconds")
+    if interval is not None:
+        value = _number(interval, "push_interval_seconds", nonneg=True)
+        if not 0 < value <= 3600:
+            raise _schema_error(f"push_interval_seconds: expected (0, 3600], got {interval!r}")
+        out["push_interval"] = value
+    return out
 
 
 def parse_body(body: bytes, max_bytes: int = MAX_BODY_BYTES) -> TrainingReport:

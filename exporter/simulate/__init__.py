@@ -21,6 +21,11 @@ Event schema (a timeline entry without ``at``; also the body of POST /-/simulate
 - ``{"gpu": 0, "unsupported": ["fan_speed_ratio"]}`` / ``"supported": [...]``: NVML answers NOT_SUPPORTED.
 - ``{"gpu": 0, "add_process": {"pid": 1234, "type": "compute", "used_memory_bytes": "4GiB",
   "sm_utilization_ratio": 0.5}}`` / ``{"gpu": 0, "remove_process": 1234}``.
+- ``{"gpu": 0, "allocate": {"pid": 1234, "used_memory_bytes": "6GiB"}}``: like ``add_process``, but
+  the device decides: when the process's new total does not fit beside the others (total minus reserved
+  memory), nothing changes and SimulatedOutOfMemory is raised (the HTTP API answers 409 with
+  ``free_bytes``); the GPU's used memory becomes the sum of its processes. Jobs sharing a simulated GPU
+  compete for it this way (workload.train --sim-gpu).
 - ``{"gpu": 0, "add_ecc_errors": {"corrected": 10, "uncorrected": 1}}`` adds to volatile and aggregate.
 - ``{"gpu": 0, "add_nvlink_errors": {3: {"crc_flit": 500, "replay": 20}}}`` adds to link 3's NVLink
   error counters (``set: {nvlink_error_rates: {3: {crc_flit: 50}}}`` makes them grow per second instead;
@@ -44,6 +49,7 @@ from exporter.simulate.fake import FakeNvmlLib
 from exporter.simulate.scenario import (
     Scenario,
     ScenarioError,
+    SimulatedOutOfMemory,
     TimedEvent,
     load_scenario,
     parse_scenario,
@@ -55,6 +61,7 @@ __all__ = [
     "Scenario",
     "ScenarioError",
     "SimulatedNvml",
+    "SimulatedOutOfMemory",
     "TimedEvent",
     "install",
     "load_scenario",
@@ -138,6 +145,18 @@ class SimulatedNvml:
                 g["unsupported"] = g["unsupported"] | ev["unsupported"]
             if "supported" in ev:
                 g["unsupported"] = g["unsupported"] - ev["supported"]
+            if "allocate" in ev:
+                p = ev["allocate"]
+                others = sum(q["used_memory_bytes"] for q in g["processes"] if q["pid"] != p["pid"])
+                free = max(0, g["memory_total_bytes"] - g["memory_reserved_bytes"] - others)
+                if p["used_memory_bytes"] > free:
+                    raise SimulatedOutOfMemory(
+                        f"gpu {slot}: {p['used_memory_bytes']} bytes do not fit, {free} free",
+                        free, g["memory_total_bytes"],
+                    )
+                g["memory_used_bytes"] = None
+                g["processes"] = [q for q in g["processes"] if (q["pid"], q["type"]) != (p["pid"], p["type"])]
+                g["processes"].append(dict(p))
             if "add_process" in ev:
                 p = ev["add_process"]
                 g["processes"] = [q for q in g["processes"] if (q["pid"], q["type"]) != (p["pid"], p["type"])]

@@ -29,6 +29,15 @@ class ScenarioError(ValueError):
     """A scenario file or event is invalid; the message says where and what was expected."""
 
 
+class SimulatedOutOfMemory(ScenarioError):
+    """An ``allocate`` event that does not fit in the simulated GPU's free memory (answered 409)."""
+
+    def __init__(self, message: str, free_bytes: int, total_bytes: int) -> None:
+        super().__init__(message)
+        self.free_bytes = free_bytes
+        self.total_bytes = total_bytes
+
+
 # --- vocabulary -------------------------------------------------------------------------------------
 
 ARCHITECTURES = {
@@ -556,7 +565,7 @@ def _unsupported(ctx: _Ctx, path: tuple[Any, ...], value: Any) -> frozenset[str]
 
 _EVENT_KEYS = frozenset({"gpu", "set", "ramp", "duration_seconds", "xid", "lost", "present", "error",
                          "unsupported", "supported", "add_process", "remove_process", "add_ecc_errors",
-                         "add_nvlink_errors", "nvml_delay_seconds", "nvml_init_error"})
+                         "add_nvlink_errors", "allocate", "nvml_delay_seconds", "nvml_init_error"})
 _GLOBAL_ACTIONS = frozenset({"nvml_delay_seconds", "nvml_init_error"})
 
 
@@ -616,6 +625,8 @@ def validate_event(event: Any, gpu_count: int, ctx: _Ctx | None = None,
             out[key] = _unsupported(ctx, (*path, key), ev[key])
     if "add_process" in ev:
         out["add_process"] = _process(ctx, (*path, "add_process"), ev["add_process"])
+    if "allocate" in ev:
+        out["allocate"] = _process(ctx, (*path, "allocate"), ev["allocate"])
     if "remove_process" in ev:
         out["remove_process"] = _int(ctx, (*path, "remove_process"), ev["remove_process"], lo=1, hi=2**32 - 1)
     if "add_ecc_errors" in ev:

@@ -122,11 +122,14 @@ def create_app(
             return JSONResponse({"error": f"body is not JSON: {exc}"}, status_code=400)
         if not isinstance(event, dict):
             return JSONResponse({"error": "body must be a JSON object (one timeline event)"}, status_code=400)
-        from exporter.simulate import ScenarioError
+        from exporter.simulate import ScenarioError, SimulatedOutOfMemory
 
         try:
             # In a worker thread: the simulator may hold its lock while a poll sleeps in a "hung" call.
             await run_in_threadpool(simulator.apply, event)
+        except SimulatedOutOfMemory as exc:  # the simulated device is full: the caller's "CUDA OOM"
+            body = {"error": str(exc), "free_bytes": exc.free_bytes, "total_bytes": exc.total_bytes}
+            return JSONResponse(body, status_code=409)
         except ScenarioError as exc:
             return JSONResponse({"error": str(exc)}, status_code=400)
         log.info("applied simulated event %s", event)

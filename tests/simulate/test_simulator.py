@@ -414,3 +414,19 @@ def test_run_module_target(tmp_path: Path, log_dir: Path) -> None:
     finally:
         proc.stop()
     assert "module __main__" in proc.log() and "'x'] 2" in proc.log()
+
+
+def test_allocate_competes_for_the_gpus_memory(sim_factory: Any) -> None:
+    """Issue 16: ``allocate`` lets jobs sharing a simulated GPU run it out of memory for real."""
+    from exporter.simulate import SimulatedOutOfMemory
+
+    sim = sim_factory("healthy-8gpu")  # 80 GiB, 0.5 GiB reserved, pid 4242 holds 61 GiB
+    sim.apply({"gpu": 2, "allocate": {"pid": 10, "used_memory_bytes": "10GiB"}})
+    sim.apply({"gpu": 2, "allocate": {"pid": 10, "used_memory_bytes": "18GiB"}})  # grows in place
+    with pytest.raises(SimulatedOutOfMemory) as err:
+        sim.apply({"gpu": 2, "allocate": {"pid": 11, "used_memory_bytes": "1GiB"}})
+    assert err.value.free_bytes == int(0.5 * 2**30) and err.value.total_bytes == 80 * 2**30
+    procs = {p.pid: p.usedGpuMemory for p in pynvml.nvmlDeviceGetComputeRunningProcesses(handle(2))}
+    assert procs == {4242: 61 * 2**30, 10: 18 * 2**30}  # the refused allocation changed nothing
+    used = pynvml.nvmlDeviceGetMemoryInfo(handle(2), version=pynvml.nvmlMemory_v2).used
+    assert used == 79 * 2**30  # the sum of the processes
