@@ -155,7 +155,10 @@ def test_series_budget_total_and_per_process() -> None:
     """New processes and growing updates past the budget get 429 series_budget and change nothing;
     expiry gives the series back."""
     clock = FakeClock()
-    store = IngestStore(ttl_seconds=60, clock=clock, max_series=45, max_series_per_process=30)
+    probe = payload()
+    probe["auth_failures"], probe["token_expiry"], probe["api_quota"] = [], {}, {}
+    base = validate_report(probe).series  # one process without per-service sections
+    store = IngestStore(ttl_seconds=60, clock=clock, max_series=2 * base + 5, max_series_per_process=base + 17)
 
     def push(pid: int, seq: int = 1, services: int = 0) -> str:
         doc = payload()
@@ -165,16 +168,15 @@ def test_series_budget_total_and_per_process() -> None:
         return store.submit(validate_report(doc))
 
     assert push(1) == "accepted"
-    base = store.series
-    assert base == 15
+    assert store.series == base
     with pytest.raises(IngestError, match="--training-max-series-per-process") as err:
-        push(2, services=10)  # base + 20 > 30
+        push(2, services=10)  # base + 20 > base + 17
     assert err.value.status == 429 and err.value.reason == "series_budget"
     assert push(2, services=2) == "accepted"
     assert store.series == 2 * base + 4
     with pytest.raises(IngestError, match=r"\(--training-max-series\)"):
         push(3)
-    with pytest.raises(IngestError, match="the budget is 45"):
+    with pytest.raises(IngestError, match=f"the budget is {2 * base + 5}"):
         push(1, seq=2, services=6)  # an update that grows past the total: refused, the old one stays
     assert [p.report.seq for p in store.processes() if p.report.pid == 1] == [1]
     assert push(2, seq=2) == "accepted"  # an update that shrinks is always taken

@@ -85,3 +85,8 @@ def test_an_oom_record_renders_its_gpu_and_co_tenants() -> None:
     rows = {(lab["holder_pid"], lab["holder_training_job"], lab["holder_container"], lab["holder_pod"]): v
             for lab, v in m["training_oom_memory_holder_bytes"]}
     assert rows == {("200", "grower", "", ""): 70 << 30, ("4242", "", "nb", "nb-0"): 1 << 30}
+    # What the exporter learned counts in the series in use, exactly as rendered.
+    assert store.series == sum(len(v) for k, v in m.items() if k.startswith("training_"))
+    store.learn(report.process_key, vanished_at=1.0)
+    m = render(store)
+    assert store.series == sum(len(v) for k, v in m.items() if k.startswith("training_"))
