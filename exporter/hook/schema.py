@@ -93,9 +93,10 @@ FIGURES: tuple[Figure, ...] = (
     Figure("phase_start_timestamp_seconds", "training_phase_start_timestamp_seconds", "gauge",
            "Unix time the training thread entered its current phase"),
 )
-# Keys every exporter since schema 1 accepts. A hook whose push was refused as invalid (e.g. a newer
-# hook against an older exporter) sends only these until a full push is accepted again.
-CORE_KEYS = frozenset(f.key for f in FIGURES[:22])
+# Keys every exporter since schema 1 accepts: the figures listed before ``invalid_values`` (add new
+# figures after it). A hook whose push was refused as invalid (e.g. a newer hook against an older
+# exporter) sends only these until a full push is accepted again.
+CORE_KEYS = frozenset(f.key for f in FIGURES[: [f.key for f in FIGURES].index("invalid_values")])
 FIGURE_BY_KEY = {f.key: f for f in FIGURES}
 # Wire key -> metric name, per type (what the validator accepts and the collector renders).
 COUNTERS: dict[str, str] = {f.key: f.metric for f in FIGURES if f.kind == "counter"}

@@ -188,3 +188,18 @@ def test_invalid_value_counter_reaches_the_exporter_on_its_own_name(exporter: tu
     assert [v for lab, v in m["training_hook_invalid_values_total"] if lab["training_job"] == "counted"] == [1.0]
     assert (REPO_ROOT / "docs" / "metrics.md").read_text().count(
         "training_hook_invalid_values_total") >= 1
+
+
+def test_core_fields_are_the_schema_1_figures() -> None:
+    """What the hook falls back to must be what every exporter since schema 1 takes: the 22 figures
+    of schema 1, none added since."""
+    from exporter.hook.schema import CORE_KEYS
+    from exporter.hook.sender import core_payload
+
+    assert len(CORE_KEYS) == 22 and {"steps", "loss", "cuda_oom", "cuda_oom_last_timestamp_seconds"} <= CORE_KEYS
+    assert "invalid_values" not in CORE_KEYS
+    mon = Monitor("core")
+    mon.set_api_quota("q", 1, 2)
+    payload = core_payload(mon.build_payload())
+    assert set(payload) == {"schema", "seq", "process_start_time", "identity", "counters", "gauges"}
+    assert set(payload["counters"]) | set(payload["gauges"]) <= CORE_KEYS
