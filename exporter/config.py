@@ -232,7 +232,7 @@ class Settings:
     training_max_series_per_process: int | None = setting(
         None,
         "most series one training process may add to /metrics (default: the most one valid push can "
-        "produce, 154)",
+        "produce, 163)",
         parse_positive_int, "N",
     )
     max_connections: int = setting(
