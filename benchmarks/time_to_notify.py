@@ -10,8 +10,13 @@ times, measuring injection → notification on the wall clock:
   timestamp (training_cuda_oom_last_timestamp_seconds)
 - token: sample workload with --fault auth@SECONDS → GpuTrainingTokenExpired; injected = the token's
   expiry (training_token_expiry_timestamp_seconds)
+- diagnosis (issue 16; ``--diagnosis-runs``): a 2-rank gloo DDP straggler → GpuTrainingStraggler
+  (injected = both ranks stepping, the fault is there from the first step); a 2-rank DDP hang →
+  GpuTrainingNoProgress for the culprit (injected = its last step); SIGKILL → GpuTrainingProcessEnded
+  vanished (injected = the kill); two jobs sharing a simulated GPU until one's allocation fails and it
+  crashes → GpuTrainingOutOfMemory with the co-tenants and GpuTrainingProcessEnded (injected = the OOM)
 
-    python -m benchmarks.time_to_notify [--runs 5] [--training-runs 3]
+    python -m benchmarks.time_to_notify [--runs 5] [--training-runs 3] [--diagnosis-runs 2] [--diagnosis-only]
 
 Target (issue 4): median <= 10 s per class. Prints a table; exit 1 if a notification never came.
 """
@@ -114,10 +119,79 @@ def run_token(stack: AlertStack, i: int) -> dict[str, float]:
     return {"expired token (GpuTrainingTokenExpired)": got - injected}
 
 
+def _all_stepping(stack: AlertStack, job: str, ranks: int) -> float:
+    """Wall time once every rank of ``job`` has completed steps on /metrics."""
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        status, body = http_get(stack.exporter_url + "/metrics")
+        stepping = [v for lab, v in parse_metrics(body).get("training_steps_total", [])
+                    if lab.get("training_job") == job and v > 0] if status == 200 else []
+        if len(stepping) >= ranks:
+            return time.time()
+        time.sleep(0.2)
+    raise RuntimeError(f"{job}: {ranks} rank(s) never stepped")
+
+
+def run_diagnosis(stack: AlertStack, i: int) -> dict[str, float]:
+    """Issue 16's cases, one run each (see the module docstring for what "injected" is)."""
+    out: dict[str, float] = {}
+    job = f"bench-straggler-{i}"
+    start = time.monotonic()
+    proc = start_workload(stack, job, "--ddp", "2", "--fault", "slow-compute@1:2.5")
+    try:
+        t0 = _all_stepping(stack, job, 2)
+        got = notified_after(stack, labels_match(alertname="GpuTrainingStraggler", training_job=job, rank="1"), start)
+        out["DDP straggler (GpuTrainingStraggler)"] = got - t0
+    finally:
+        proc.stop(signal.SIGKILL)
+    job = f"bench-hang-{i}"
+    start = time.monotonic()
+    proc = start_workload(stack, job, "--ddp", "2", "--fault", "stall@30:60:1")
+    try:
+        got = notified_after(stack, labels_match(alertname="GpuTrainingNoProgress", training_job=job, rank="1"), start)
+        _, body = http_get(stack.exporter_url + "/metrics")
+        last = [v for lab, v in parse_metrics(body).get("training_last_progress_timestamp_seconds", [])
+                if lab.get("training_job") == job and lab.get("rank") == "1"]
+        out["DDP hang, culprit (GpuTrainingNoProgress)"] = got - last[0]
+    finally:
+        proc.stop(signal.SIGKILL)
+    job = f"bench-killed-{i}"
+    proc = start_workload(stack, job)
+    _all_stepping(stack, job, 1)
+    jitter()
+    start, t0 = time.monotonic(), time.time()
+    proc.stop(signal.SIGKILL)
+    got = notified_after(stack, labels_match(alertname="GpuTrainingProcessEnded", training_job=job, reason="vanished"), start)
+    out["SIGKILL (GpuTrainingProcessEnded vanished)"] = got - t0
+    gpu = 7 - (i % 8)
+    simulate(stack, {"gpu": gpu, "remove_process": 4242})
+    victim_job, grower_job = f"bench-victim-{i}", f"bench-grower-{i}"
+    start = time.monotonic()
+    victim = start_workload(stack, victim_job, "--sim-gpu", str(gpu), "--sim-memory", "4GiB",
+                            "--sim-transient", "8GiB", "--exit-on-oom", "--step-delay", "0.2")
+    _all_stepping(stack, victim_job, 1)
+    grower = start_workload(stack, grower_job, "--sim-gpu", str(gpu), "--sim-memory", "2GiB", "--sim-grow", "8GiB",
+                            "--sim-memory-max", "70GiB", "--step-delay", "0.2")
+    try:
+        oom = notified_after(stack, labels_match(alertname="GpuTrainingOutOfMemory", training_job=victim_job), start)
+        ended = notified_after(stack, labels_match(alertname="GpuTrainingProcessEnded", training_job=victim_job), start)
+        injected = _metric(stack, "training_cuda_oom_last_timestamp_seconds", victim_job)
+        out["co-tenant OOM (GpuTrainingOutOfMemory)"] = oom - injected
+        out["crash on it (GpuTrainingProcessEnded)"] = ended - injected
+    finally:
+        grower.stop(signal.SIGKILL)
+        victim.stop(signal.SIGKILL)
+        simulate(stack, {"gpu": gpu, "remove_process": victim.pid})
+        simulate(stack, {"gpu": gpu, "remove_process": grower.pid})
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--runs", type=int, default=7, help="runs per simulated GPU fault class")
     parser.add_argument("--training-runs", type=int, default=3, help="runs per training fault class")
+    parser.add_argument("--diagnosis-runs", type=int, default=2, help="runs of the issue-16 diagnosis cases")
+    parser.add_argument("--diagnosis-only", action="store_true", help="only the diagnosis cases")
     args = parser.parse_args(argv)
     if not 1 <= args.runs <= 8:
         parser.error("--runs must be 1..8 (one fresh simulated GPU per XID run)")
@@ -138,16 +212,18 @@ def main(argv: list[str] | None = None) -> int:
         shipped = (REPO_ROOT / "exporter" / "simulate" / "scenarios" / "healthy-8gpu.yaml").read_text()
         scenario.write_text(shipped.replace("name: healthy-8gpu", "name: bench-16gpu").replace("count: 8", "count: 16"))
         exporter_args = ["--simulate", str(scenario), "--interval", "0.5", "--host-label", HOST,
-                         "--docker", "off", "--training-ttl", "3"]
+                         "--docker", "off", "--training-ttl", "10"]  # > the vanished check's silence
         with alert_stack(log_dir, exporter_args) as stack:
             try:
-                for i in range(args.runs):
+                for i in range(0 if args.diagnosis_only else args.runs):
                     add(run_overheating(stack, gpu=i % 8))
                     add(run_xid(stack, gpu=8 + i))
-                for i in range(args.training_runs):
+                for i in range(0 if args.diagnosis_only else args.training_runs):
                     add(run_oom(stack, i))
                     add(run_token(stack, i))
-            except AssertionError as exc:
+                for i in range(args.diagnosis_runs):
+                    add(run_diagnosis(stack, i))
+            except (AssertionError, RuntimeError, IndexError) as exc:
                 print(f"time_to_notify: a notification did not arrive: {exc}", file=sys.stderr)
                 return 1
 
