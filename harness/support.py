@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import time
 import urllib.error
@@ -170,3 +171,28 @@ def prom_query(base: str, promql: str) -> list[dict[str, Any]]:
     return list(json.loads(body)["data"]["result"])
 
 
+
+
+def documented_metric_names() -> set[str]:
+    """Metric names in docs/metrics.md's metric tables (those headed ``| name |``; not the label tables),
+    with the ``/ `_free_bytes``` shorthand of a row expanded."""
+    names: set[str] = set()
+    in_metric_table = False
+    for line in (REPO_ROOT / "docs" / "metrics.md").read_text().splitlines():
+        if not line.startswith("|"):
+            in_metric_table = False
+            continue
+        if line.startswith("| name |"):
+            in_metric_table = True
+        if not (in_metric_table and line.startswith("| `")):
+            continue
+        tokens = re.findall(r"`([a-z_]+)`", line.split("|")[1])
+        base = tokens[0]
+        names.add(base)
+        for short in tokens[1:]:
+            if short.startswith("_"):
+                parts = short.strip("_").split("_")
+                names.add("_".join(base.split("_")[: -len(parts)] + parts))
+            else:
+                names.add(short)
+    return names

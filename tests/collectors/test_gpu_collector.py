@@ -17,9 +17,8 @@ from exporter.nvml import NvmlReader
 from exporter.simulate import install
 from exporter.snapshot import ContainerInfo, NodeSnapshot
 from harness.clock import FakeClock
-from harness.support import REPO_ROOT, parse_metrics, require_binary, wait_until
+from harness.support import documented_metric_names, parse_metrics, require_binary, wait_until
 
-DOCS = REPO_ROOT / "docs" / "metrics.md"
 GiB = 2**30
 Samples = dict[str, list[tuple[dict[str, str], float]]]
 
@@ -28,25 +27,6 @@ def render(snapshot: NodeSnapshot | None, openmetrics: bool = False) -> str:
     registry = CollectorRegistry()
     registry.register(GpuCollector(lambda: snapshot))
     return (generate_openmetrics if openmetrics else generate_latest)(registry).decode()
-
-
-def documented_names() -> set[str]:
-    """Metric names in docs/metrics.md tables, with the ``/ _free_bytes`` shorthand expanded."""
-    names: set[str] = set()
-    for line in DOCS.read_text().splitlines():
-        if not line.startswith("| `"):
-            continue
-        first_cell = line.split("|")[1]
-        tokens = re.findall(r"`([a-z_]+)`", first_cell)
-        base = tokens[0]
-        names.add(base)
-        for short in tokens[1:]:
-            if short.startswith("_"):
-                parts = short.strip("_").split("_")
-                names.add("_".join(base.split("_")[: -len(parts)] + parts))
-            else:
-                names.add(short)
-    return names
 
 
 @pytest.fixture(scope="module")
@@ -92,7 +72,7 @@ def by_gpu(samples: Samples, name: str, **match: str) -> dict[str, float]:
 
 
 def test_every_name_is_in_the_contract_and_every_series_has_gpu_identity(samples: Samples) -> None:
-    documented = documented_names()
+    documented = documented_metric_names()
     for name, series in samples.items():
         family = re.sub(r"_total$", "", name)
         assert name in documented or f"{family}_total" in documented, f"{name} is not in docs/metrics.md"
