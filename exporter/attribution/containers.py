@@ -33,6 +33,7 @@ from exporter.attribution.docker import (
     engine_wanted,
 )
 from exporter.attribution.procfs import ProcFS
+from exporter.attribution.source_health import SourceHealth
 from exporter.config import Settings
 from exporter.snapshot import ContainerInfo, NodeSnapshot
 
@@ -79,10 +80,13 @@ class ContainerAttributor:
         self._lock = threading.Lock()
         # container id -> (expires_at, info or None when the engine does not know the id)
         self._cache: OrderedDict[str, tuple[float, ContainerInfo | None]] = OrderedDict()
-        self._up: bool | None = None
+        self.health = SourceHealth(
+            log,
+            f"Docker engine at {getattr(engine, 'base_url', '?')}",
+            f"GPU processes keep only their container id until it answers again (retry every {retry_seconds:.0f}s)",
+        )
         self._down_until = 0.0
         self._last_contact = 0.0
-        self._errors: dict[str, int] = {}
         self._engine: Any = None  # the AttributionEngine __call__ goes through
 
     # -- as an enricher on its own (tests, Docker-only use) --------------------------------------------
@@ -130,11 +134,12 @@ class ContainerAttributor:
         if self.engine is None:
             return
         now = self._clock()
+        up = self.health.up
         with self._lock:
             due = (
-                self._up is None
-                or (self._up is False and now >= self._down_until)
-                or (self._up is True and now - self._last_contact >= self.health_seconds)
+                up is None
+                or (up is False and now >= self._down_until)
+                or (up is True and now - self._last_contact >= self.health_seconds)
             )
         if not due:
             return
@@ -148,26 +153,18 @@ class ContainerAttributor:
 
     def _record_failure(self, exc: DockerUnavailable) -> None:
         with self._lock:
-            self._errors[exc.kind] = self._errors.get(exc.kind, 0) + 1
             self._down_until = self._clock() + self.retry_seconds
-            was_up, self._up = self._up, False
-        if was_up is not False:
-            log.warning(
-                "Docker engine at %s unavailable (%s: %s); GPU processes keep only their container id "
-                "until it answers again (retry every %.0fs)",
-                getattr(self.engine, "base_url", "?"), exc.kind, exc, self.retry_seconds,
-            )
+        self.health.failed(exc)
 
     def _record_success_locked(self) -> None:
-        if self._up is False:
-            log.info("Docker engine at %s answers again", getattr(self.engine, "base_url", "?"))
-        self._up = True
+        self.health.answered()
         self._down_until = 0.0
         self._last_contact = self._clock()
 
     def stats(self) -> AttributionStats:
+        health = self.health.stats()
         with self._lock:
-            return AttributionStats(up=self._up, errors=dict(self._errors), cache_entries=len(self._cache))
+            return AttributionStats(up=health.up, errors=health.errors, cache_entries=len(self._cache))
 
     def close(self) -> None:
         close = getattr(self.engine, "close", None)

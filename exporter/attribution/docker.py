@@ -14,6 +14,7 @@ import stat
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
+from exporter.attribution.source_health import SourceUnavailable
 from exporter.config import DEFAULT_DOCKER_HOST, DOCKER_MODES
 from exporter.snapshot import ContainerInfo
 
@@ -29,13 +30,8 @@ SELECTED_LABELS: tuple[str, ...] = (
 )
 
 
-
-class DockerUnavailable(Exception):
+class DockerUnavailable(SourceUnavailable):
     """The engine could not be asked (no socket, permission, timeout, daemon gone). ``kind`` says which."""
-
-    def __init__(self, kind: str, message: str) -> None:
-        super().__init__(message)
-        self.kind = kind
 
 
 class DockerEngine:

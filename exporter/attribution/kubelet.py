@@ -21,9 +21,9 @@ import stat
 import threading
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
 from typing import Any
 
+from exporter.attribution.source_health import SourceHealth, SourceStats, SourceUnavailable
 from exporter.snapshot import GpuAllocation
 
 log = logging.getLogger(__name__)
@@ -34,22 +34,6 @@ MAX_MESSAGE_BYTES = 16 * 1024 * 1024
 _UUID = re.compile(r"\b((?:GPU|MIG)-[0-9A-Za-z-]+(?:/\d+/\d+)?)")
 # NVIDIA's DRA driver (gpu.nvidia.com) names whole GPUs "gpu-<index>" in its resource pool.
 _DRA_GPU_INDEX = re.compile(r"^gpu-(\d+)$")
-
-
-class SourceError(Exception):
-    """An attribution source could not be asked. ``kind`` is the bounded label value for errors_total."""
-
-    def __init__(self, kind: str, message: str) -> None:
-        super().__init__(message)
-        self.kind = kind
-
-
-@dataclass(frozen=True, slots=True)
-class SourceStats:
-    """What ``gpu_exporter_attribution_up`` / ``_errors_total`` show for one source."""
-
-    up: bool | None  # None until first asked
-    errors: dict[str, int]
 
 
 def gpu_uuid_of(device_id: str) -> str | None:
@@ -110,7 +94,7 @@ class PodResourcesClient:
         self._stub: Any = None
 
     def list(self) -> Any:
-        """The kubelet's ``ListPodResourcesResponse``; raises SourceError."""
+        """The kubelet's ``ListPodResourcesResponse``; raises SourceUnavailable."""
         self._check_socket()
         try:
             import grpc
@@ -118,7 +102,7 @@ class PodResourcesClient:
             from exporter.attribution.kubelet_api import podresources_v1_pb2 as pb
             from exporter.attribution.kubelet_api import podresources_v1_pb2_grpc as pb_grpc
         except ImportError as exc:  # the server extra without grpcio: say so once, never crash
-            raise SourceError("not_installed", f"grpcio/protobuf missing ({exc})") from exc
+            raise SourceUnavailable("not_installed", f"grpcio/protobuf missing ({exc})") from exc
         if self._stub is None:
             self._channel = grpc.insecure_channel(
                 f"unix://{os.path.abspath(self.socket_path)}",
@@ -129,20 +113,20 @@ class PodResourcesClient:
             return self._stub.List(pb.ListPodResourcesRequest(), timeout=self.timeout_seconds)
         except grpc.RpcError as exc:
             self.close()
-            raise SourceError(_rpc_kind(exc), f"{exc.code().name}: {exc.details()}") from exc
+            raise SourceUnavailable(_rpc_kind(exc), f"{exc.code().name}: {exc.details()}") from exc
 
     def _check_socket(self) -> None:
         """A clear kind before gRPC's generic UNAVAILABLE: no socket, not a socket, or not allowed."""
         try:
             mode = os.stat(self.socket_path).st_mode
         except FileNotFoundError:
-            raise SourceError("missing", f"no kubelet socket at {self.socket_path}") from None
+            raise SourceUnavailable("missing", f"no kubelet socket at {self.socket_path}") from None
         except PermissionError as exc:
-            raise SourceError("permission", f"{self.socket_path}: {exc}") from None
+            raise SourceUnavailable("permission", f"{self.socket_path}: {exc}") from None
         if not stat.S_ISSOCK(mode):  # a hostPath mount of a missing socket is an empty directory
-            raise SourceError("missing", f"{self.socket_path} is not a socket")
+            raise SourceUnavailable("missing", f"{self.socket_path} is not a socket")
         if not os.access(self.socket_path, os.R_OK | os.W_OK):
-            raise SourceError("permission", f"{self.socket_path}: permission denied")
+            raise SourceUnavailable("permission", f"{self.socket_path}: permission denied")
 
     def close(self) -> None:
         channel, self._channel, self._stub = self._channel, None, None
@@ -182,8 +166,12 @@ class KubeletSource:
         self._response: Any = None
         self._good_at = float("-inf")
         self._next_at = float("-inf")
-        self._up: bool | None = None
-        self._errors: dict[str, int] = {}
+        self.health = SourceHealth(
+            log,
+            f"kubelet PodResources API at {_where(client)}",
+            f"GPUs keep the labels the cgroup gives (pod UID, container id); last names kept for "
+            f"{stale_seconds:.0f}s; retry every {retry_seconds:.0f}s",
+        )
 
     def get(self, gpu_index_uuid: dict[int, str]) -> list[GpuAllocation]:
         """The current allocations (the last good answer while the kubelet is away, up to stale_seconds)."""
@@ -197,35 +185,25 @@ class KubeletSource:
     def _refresh(self, now: float) -> None:
         try:
             response = self.client.list()
-        except SourceError as exc:
+        except SourceUnavailable as exc:
             self._failed(exc, now)
             return
         except Exception as exc:  # never let a surprise from the client end the poller
-            self._failed(SourceError("unknown", f"{type(exc).__name__}: {exc}"), now)
+            self._failed(SourceUnavailable("unknown", f"{type(exc).__name__}: {exc}"), now)
             return
+        self.health.answered()
         with self._lock:
-            if self._up is False:
-                log.info("kubelet PodResources API at %s answers again", _where(self.client))
-            self._up = True
             self._response = response
             self._good_at = now
             self._next_at = now + self.refresh_seconds
 
-    def _failed(self, exc: SourceError, now: float) -> None:
+    def _failed(self, exc: SourceUnavailable, now: float) -> None:
         with self._lock:
-            self._errors[exc.kind] = self._errors.get(exc.kind, 0) + 1
-            was_up, self._up = self._up, False
             self._next_at = now + self.retry_seconds
-        if was_up is not False:
-            log.warning(
-                "kubelet PodResources API at %s unavailable (%s: %s): GPUs keep the labels the cgroup "
-                "gives (pod UID, container id); last names kept for %.0fs; retry every %.0fs",
-                _where(self.client), exc.kind, exc, self.stale_seconds, self.retry_seconds,
-            )
+        self.health.failed(exc)
 
     def stats(self) -> SourceStats:
-        with self._lock:
-            return SourceStats(self._up, dict(self._errors))
+        return self.health.stats()
 
     def close(self) -> None:
         close = getattr(self.client, "close", None)
