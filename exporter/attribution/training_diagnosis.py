@@ -102,15 +102,17 @@ class TrainingDiagnosis:
         if not tracked:
             return snapshot
         index = GpuIndex(snapshot)
-        other_ns = {}
+        other_ns: dict[tuple[int, int], int] = {}
         if any(not self._same_ns(p) for p in tracked):  # (namespace, pid inside) -> host PID
             other_ns = {ns: pid for pid in index.by_pid if (ns := self._namespace_of(pid)) is not None}
         now = self._clock()
         for p in tracked:
             r = p.report
-            host_pids = [r.pid] if self._same_ns(p) else [
-                pid for (ns, inner), pid in other_ns.items() if (ns, inner) == (r.pid_namespace_inode, r.pid)
-            ]
+            if self._same_ns(p):
+                host_pids = [r.pid]
+            else:
+                found = other_ns.get((r.pid_namespace_inode, r.pid)) if r.pid_namespace_inode is not None else None
+                host_pids = [found] if found is not None else []
             facts: dict[str, object] = {}
             gpu = index.gpu_of(r.gpu_uuid, host_pids) or p.gpu
             if gpu is not None and gpu != p.gpu:

@@ -136,3 +136,19 @@ def test_another_namespace_is_looked_up_and_an_unseen_one_decides_nothing(tmp_pa
     diagnose(snapshot())
     ended = {pid: (p.exit[0] if p.exit else None) for pid, p in by_pid(store).items()}
     assert ended == {12: None, 13: "vanished", 14: None}
+
+
+def test_a_process_in_another_namespace_gets_the_gpu_of_its_host_pid(proc_root: Path) -> None:
+    store = IngestStore(clock=FakeClock())
+    inside = {5001: (777, 12), 5002: (777, 13), 5003: (888, 12)}  # host PID -> (namespace, PID inside)
+    diagnose = TrainingDiagnosis(store, ProcFS(proc_root), inside.get, clock=store._clock)
+    for pid in (12, 13):
+        doc = payload()
+        doc["identity"].update(pid=pid, rank=str(pid), pid_namespace_inode=777)
+        store.submit(validate_report(doc))
+    diagnose(snapshot(
+        (0, [GpuProcess(5002, "compute", GiB), GpuProcess(5003, "compute", 9 * GiB)]),
+        (1, [GpuProcess(5001, "compute", GiB)]),
+    ))
+    gpus = {pid: p.gpu.index if p.gpu is not None else None for pid, p in by_pid(store).items()}
+    assert gpus == {12: "1", 13: "0"}  # PID 12 of namespace 888 (on GPU 0) is someone else
