@@ -25,7 +25,6 @@ from exporter.ingest.store import IngestStore, TrackedProcess
 BASE_LABELS = ["host", "training_job", "rank", "local_rank", "world_size", "pid"]
 
 
-
 class TrainingCollector(Collector):
     """training_* series per reporting process, plus the ingest self-metrics."""
 
@@ -34,8 +33,8 @@ class TrainingCollector(Collector):
         self._host = host
 
     def collect(self) -> Iterator[Metric]:
-        # Not cached here: exporter.exposition renders a source once per store generation.
-        self._store.expire()
+        # Not cached here: exporter.exposition renders a source once per store generation. Expired
+        # processes are dropped by store.processes(), the first thing _render asks.
         yield from self._render()
 
     def describe(self) -> list[Metric]:
