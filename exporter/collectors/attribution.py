@@ -21,7 +21,8 @@ from exporter.snapshot import NodeSnapshot
 
 
 class SourceStats(Protocol):
-    """What this collector reads per source (exporter.attribution.kubelet.SourceStats has it)."""
+    """What the attribution and Docker self-metrics read per source (exporter.attribution.source_health.SourceStats
+    has it; collectors do not import attribution/)."""
 
     @property
     def up(self) -> bool | None: ...

@@ -6,26 +6,18 @@ daemon shows as ``gpu_exporter_docker_up 0`` plus a growing ``gpu_exporter_docke
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping
-from typing import Protocol
+from collections.abc import Callable, Iterator
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-
-class EngineStats(Protocol):
-    """What this collector reads (exporter.attribution.containers.AttributionStats has it)."""
-
-    @property
-    def up(self) -> bool | None: ...
-    @property
-    def errors(self) -> Mapping[str, int]: ...
+from exporter.collectors.attribution import SourceStats
 
 
 class DockerCollector(Collector):
     """``gpu_exporter_docker_up`` and ``gpu_exporter_docker_errors_total{kind}`` for one host."""
 
-    def __init__(self, stats: Callable[[], EngineStats], host: str) -> None:
+    def __init__(self, stats: Callable[[], SourceStats], host: str) -> None:
         self._stats = stats
         self._host = host
 
