@@ -91,6 +91,22 @@ def require_binary(name: str) -> str:
     return path
 
 
+def wait_ready(proc: ManagedProcess, base: str, what: str, timeout: float = 60) -> None:
+    """Wait until ``base``/-/ready answers 200 (Prometheus, Alertmanager); stop ``proc`` and fail with its
+    log if it exits or the deadline passes first."""
+
+    def ready() -> bool:
+        if not proc.alive():
+            raise AssertionError(f"{what} exited early:\n{proc.log()}")
+        return http_get(base + "/-/ready", timeout=1)[0] == 200
+
+    try:
+        wait_until(ready, timeout=timeout, message=f"{what} ready")
+    except BaseException:
+        proc.stop()
+        raise
+
+
 def start_prometheus(
     log_dir: Path, config_yaml: str, port: int | None = None, extra_args: Sequence[str] = ()
 ) -> tuple[ManagedProcess, str]:
@@ -114,17 +130,7 @@ def start_prometheus(
         log_dir,
     )
     base = f"http://127.0.0.1:{port}"
-
-    def ready() -> bool:
-        if not proc.alive():
-            raise AssertionError(f"prometheus exited early:\n{proc.log()}")
-        return http_get(base + "/-/ready", timeout=1)[0] == 200
-
-    try:
-        wait_until(ready, timeout=60, message="prometheus ready")
-    except BaseException:
-        proc.stop()
-        raise
+    wait_ready(proc, base, "prometheus")
     return proc, base
 
 
@@ -148,17 +154,7 @@ def start_alertmanager(
         log_dir,
     )
     base = f"http://127.0.0.1:{port}"
-
-    def ready() -> bool:
-        if not proc.alive():
-            raise AssertionError(f"alertmanager exited early:\n{proc.log()}")
-        return http_get(base + "/-/ready", timeout=1)[0] == 200
-
-    try:
-        wait_until(ready, timeout=60, message="alertmanager ready")
-    except BaseException:
-        proc.stop()
-        raise
+    wait_ready(proc, base, "alertmanager")
     return proc, base
 
 
