@@ -25,7 +25,8 @@ ENV_PREFIX = "GPU_EXPORTER_"
 # A secret read from the environment but never a flag (a flag would show up in `ps`); see ingest.auth.
 INGEST_TOKEN_ENV = "GPU_EXPORTER_INGEST_TOKEN"
 LOG_LEVELS = ("debug", "info", "warning", "error")
-DOCKER_MODES = ("auto", "on", "off")
+# --docker and --kubelet: ask that source when its socket is there (auto), always (on), or never (off).
+SOURCE_MODES = ("auto", "on", "off")
 # The Docker engine's own default address, used when neither --docker-host nor DOCKER_HOST is set.
 DEFAULT_DOCKER_HOST = "unix:///var/run/docker.sock"
 
@@ -133,10 +134,10 @@ def parse_proxies(raw: str) -> tuple[str, ...]:
     return tuple(out)
 
 
-def parse_docker_mode(raw: str) -> str:
+def parse_source_mode(raw: str) -> str:
     mode = raw.strip().lower()
-    if mode not in DOCKER_MODES:
-        raise ValueError(f"expected {', '.join(DOCKER_MODES[:-1])} or {DOCKER_MODES[-1]}")
+    if mode not in SOURCE_MODES:
+        raise ValueError(f"expected {', '.join(SOURCE_MODES[:-1])} or {SOURCE_MODES[-1]}")
     return mode
 
 
@@ -184,7 +185,7 @@ class Settings:
         "auto",
         "container names from the Docker engine: auto (when its socket exists), on, off "
         "(container ids come from the cgroup in every mode)",
-        parse_docker_mode,
+        parse_source_mode,
         "auto|on|off",
     )
     docker_host: str | None = setting(
@@ -198,7 +199,7 @@ class Settings:
         "auto",
         "Kubernetes pod/namespace/container of each allocated GPU from the kubelet's PodResources API: "
         "auto (when the socket's directory exists), on, off",
-        parse_docker_mode,
+        parse_source_mode,
         "auto|on|off",
     )
     kubelet_socket: str = setting(

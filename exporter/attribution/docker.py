@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from exporter.attribution.source_health import SourceUnavailable
-from exporter.config import DEFAULT_DOCKER_HOST, DOCKER_MODES
+from exporter.config import DEFAULT_DOCKER_HOST, SOURCE_MODES
 from exporter.snapshot import ContainerInfo
 
 log = logging.getLogger(__name__)
@@ -124,8 +124,8 @@ def engine_wanted(mode: str, docker_host: str | None, importable: Iterable[str] 
     """Whether to ask the Docker engine. ``auto``: when the SDK is installed and the engine's socket
     exists (or a non-unix DOCKER_HOST is given), so hosts without Docker (containerd-only Kubernetes
     nodes) see no errors; ``on``: always (a missing engine then shows as docker_up 0); ``off``: never."""
-    if mode not in DOCKER_MODES:
-        raise ValueError(f"docker mode must be one of {', '.join(DOCKER_MODES)}, not {mode!r}")
+    if mode not in SOURCE_MODES:
+        raise ValueError(f"docker mode must be one of {', '.join(SOURCE_MODES)}, not {mode!r}")
     if mode == "off":
         return False
     if mode == "on":
