@@ -2,9 +2,9 @@
 
 The layout of instances changes only when an administrator re-partitions the GPU, so it is
 enumerated once and then every ``REFRESH_SECONDS`` (or at once when a MIG handle stops answering);
-a poll in between costs one memory call per MIG device and, on Hopper and newer, two GPM calls per
-GPU instance. Processes are attributed to their instance from the process list itself (its
-``gpuInstanceId`` / ``computeInstanceId``), not here.
+a poll in between costs one memory call and, on Hopper and newer, two GPM calls per GPU instance
+(its compute instances share both). Processes are attributed to their instance from the process list
+itself (its ``gpuInstanceId`` / ``computeInstanceId``), not here.
 """
 
 from __future__ import annotations
@@ -68,17 +68,22 @@ class MigReader:
                 ratios = self._gpm_ratios(parent, gi)
                 if ratios:
                     gpm[gi] = ratios
+        memory: dict[int, tuple[int | None, int | None]] = {}  # by GPU instance: its CIs share it
         for d in self._devices:
-            used = total = None
-            try:
-                mem = pynvml.nvmlDeviceGetMemoryInfo(d.handle)
-                used, total = int(mem.used), int(mem.total)
-            except pynvml.NVMLError as exc:
-                if exc.value in _GONE:
-                    gone = True
-                    continue
-                if exc.value not in _ABSENT:
-                    raise
+            if d.gpu_instance in memory:
+                used, total = memory[d.gpu_instance]
+            else:
+                used = total = None
+                try:
+                    mem = pynvml.nvmlDeviceGetMemoryInfo(d.handle)
+                    used, total = int(mem.used), int(mem.total)
+                except pynvml.NVMLError as exc:
+                    if exc.value in _GONE:
+                        gone = True
+                        continue
+                    if exc.value not in _ABSENT:
+                        raise
+                memory[d.gpu_instance] = (used, total)
             out.append(MigInstance(gpu_instance=d.gpu_instance, compute_instance=d.compute_instance,
                                    uuid=d.uuid, profile=d.profile, memory_used_bytes=used,
                                    memory_total_bytes=total, gpm_ratios=gpm.get(d.gpu_instance, {})))

@@ -242,3 +242,18 @@ def test_yaml_link_indexes_are_integers(tmp_path: Any) -> None:
     path = tmp_path / "links.yaml"
     path.write_text("gpus:\n  - nvlink_links: 4\n    nvlink_errors: {3: {replay: 7}}\n")
     assert load_scenario(path).gpus[0]["nvlink_errors"] == {3: {"replay": 7}}
+
+
+def test_compute_instances_of_one_gpu_instance_share_its_memory_read(rig: Callable[[Any], Rig]) -> None:
+    r = rig("mig-h100")
+    shared = [{"gpu_instance": 1, "compute_instance": ci, "profile": "1c.3g.40gb", "memory_total_bytes": "40GiB"}
+              for ci in (0, 1)]  # fmt: skip
+    r.sim.apply({"gpu": 0, "set": {"mig_instances": shared, "processes": []}})
+    r.gpu(1, 0)  # the old handles answer "not found": the reader enumerates again on the next poll
+    assert [(m.gpu_instance, m.compute_instance) for m in r.gpu(2, 0).mig_instances] == [(1, 0), (1, 1)]
+    calls = r.sim.lib.calls
+    calls.clear()
+    g = r.gpu(3, 0)
+    assert [m.memory_total_bytes for m in g.mig_instances] == [40 * GiB, 40 * GiB]
+    # GPU 0, GPU 1, and GPU instance 1 once (its memory is the same whichever compute instance asks).
+    assert calls["nvmlDeviceGetMemoryInfo"] + calls["nvmlDeviceGetMemoryInfo_v2"] == 3
