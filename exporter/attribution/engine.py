@@ -1,8 +1,9 @@
 """The one attribution engine: for every GPU process, whose is it; for every GPU, who holds it.
 
-Per poll (a Poller enricher): each GPU process's ``/proc/<pid>/cgroup`` is read once, through
-exporter.attribution.procfs (``--proc-root``), and parsed
-(exporter.attribution.cgroups) into container id, pod UID, Slurm job/step or systemd unit; the
+Per poll (a Poller enricher): each GPU process's ``/proc/<pid>/cgroup`` is read through
+exporter.attribution.procfs (``--proc-root``) and parsed (exporter.attribution.cgroups) into container
+id, pod UID, Slurm job/step or systemd unit, once per process and again after a recheck interval
+(exporter.attribution.owner_cache: a reused PID is read afresh); the
 container id goes to the Docker engine for names when there is one (exporter.containers); the kubelet's
 PodResources API (exporter.attribution.kubelet) gives the pod/namespace/container each GPU is allocated
 to, which becomes ``NodeSnapshot.allocations`` and, where it is unambiguous, the names of the processes
@@ -25,10 +26,12 @@ import dataclasses
 import logging
 import os
 import threading
-from collections.abc import Mapping
+import time
+from collections.abc import Callable, Mapping
 
 from exporter.attribution.cgroups import CgroupOwner, parse_cgroup_file
 from exporter.attribution.kubelet import KubeletSource, SourceStats, unique
+from exporter.attribution.owner_cache import OwnerCache
 from exporter.attribution.procfs import ProcFS
 from exporter.config import Settings
 from exporter.snapshot import ContainerInfo, GpuAllocation, GpuProcess, GpuSample, NodeSnapshot, ProcessOwner
@@ -44,7 +47,7 @@ class AttributionEngine:
     """Poller enricher filling ``GpuProcess.container`` / ``.owner`` and ``NodeSnapshot.allocations``.
 
     ``docker`` is a ``ContainerAttributor`` (names for container ids) or None; ``kubelet`` a
-    ``KubeletSource`` or None.
+    ``KubeletSource`` or None; ``clock`` (monotonic seconds) times the re-reads of cgroup files.
     """
 
     def __init__(
@@ -52,6 +55,7 @@ class AttributionEngine:
         proc_root: ProcFS | str | os.PathLike[str] = Settings.proc_root,
         docker: object | None = None,
         kubelet: KubeletSource | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.procfs = proc_root if isinstance(proc_root, ProcFS) else ProcFS(proc_root)
         self.docker = docker
@@ -62,6 +66,8 @@ class AttributionEngine:
         # Learned by the allocation join: pod UID -> (namespace, pod); container id -> container name.
         self._pod_names: dict[str, tuple[str, str]] = {}
         self._container_names: dict[str, str] = {}
+        self._owners = OwnerCache()
+        self._clock = clock
 
     def __call__(self, snapshot: NodeSnapshot) -> NodeSnapshot:
         check = getattr(self.docker, "check_engine", None)
@@ -69,10 +75,13 @@ class AttributionEngine:
             check()
         allocations = self._allocations(snapshot.gpus)
         owners: dict[int, CgroupOwner | None] = {}
+        now = self._clock()
+        self._owners.begin_poll()
         for gpu in snapshot.gpus:
             for proc in gpu.processes:
                 if proc.pid not in owners:
-                    owners[proc.pid] = self._read_owner(proc.pid)
+                    owners[proc.pid] = self._owner(proc.pid, now)
+        self._owners.end_poll()  # PIDs not in this poll leave the cache
         if not owners and not allocations:
             return snapshot
         self._learn_names(snapshot.gpus, owners, allocations)
@@ -84,6 +93,25 @@ class AttributionEngine:
         return dataclasses.replace(snapshot, gpus=tuple(gpus), allocations=allocations)
 
     # -- sources ------------------------------------------------------------------------------------
+
+    def _owner(self, pid: int, now: float) -> CgroupOwner | None:
+        """The PID's owner: remembered while it is the same process (at most owner_cache's recheck
+        interval), else read."""
+        try:
+            identity = self.procfs.identity(pid)
+        except FileNotFoundError:
+            return None  # exited between NVML's answer and now
+        except OSError:
+            return self._read_owner(pid)  # cannot tell which process it is: read, remember nothing
+        owner = self._owners.get(pid, identity, now)
+        if owner is not None:
+            if self._cgroup_up is not True:  # as a read would have
+                self._mark_readable()
+            return owner
+        owner = self._read_owner(pid)
+        if owner is not None:
+            self._owners.put(pid, identity, now, owner)
+        return owner
 
     def _read_owner(self, pid: int) -> CgroupOwner | None:
         try:
@@ -102,11 +130,14 @@ class AttributionEngine:
                     self.procfs.root, pid, exc,
                 )
             return None
+        self._mark_readable()
+        return parse_cgroup_file(text)
+
+    def _mark_readable(self) -> None:
         with self._lock:
             if self._cgroup_up is False:
                 log.info("%s/<pid>/cgroup readable again", self.procfs.root)
             self._cgroup_up = True
-        return parse_cgroup_file(text)
 
     def _allocations(self, gpus: tuple[GpuSample, ...]) -> tuple[GpuAllocation, ...]:
         if self.kubelet is None:

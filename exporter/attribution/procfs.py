@@ -29,13 +29,23 @@ class ProcFS:
 
     def __init__(self, root: str | os.PathLike[str]) -> None:
         self.root = Path(root)
+        self._prefix = os.fspath(root)  # string paths: pathlib's joins cost more than the read itself
 
     def __repr__(self) -> str:
         return f"ProcFS({str(self.root)!r})"
 
     def cgroup(self, pid: int) -> str:
         """The text of ``<root>/<pid>/cgroup``; raises OSError (FileNotFoundError: the PID is gone)."""
-        return (self.root / str(pid) / "cgroup").read_text()
+        with open(f"{self._prefix}/{pid}/cgroup") as fh:
+            return fh.read()
+
+    def identity(self, pid: int) -> tuple[int, int]:
+        """(inode number, change time in ns) of ``<root>/<pid>``: the kernel makes that inode anew for
+        a new process with a reused PID, so an equal identity means the same process (a different one
+        may still be the same process, its inode made again). One ``stat``; raises OSError
+        (FileNotFoundError: the PID is gone)."""
+        st = os.stat(f"{self._prefix}/{pid}")
+        return st.st_ino, st.st_ctime_ns
 
     def pid_namespace(self, pid: int | str = "self") -> int | None:
         """Inode of the PID namespace of ``pid`` (``"self"``: the exporter's own), or None."""
