@@ -7,7 +7,9 @@ wrapping the functions nvidia-ml-py looks up (``pynvml._nvmlGetFunctionPointer``
 a real driver would see (pynvml's list wrappers call twice: size, then data). CPU is this thread's CPU time per ``read()`` (median), which includes the simulated
 library's own Python; a second pass times the simulated library's functions to give the reader's own
 share (what it would cost over the real C library, driver time aside). ``idle share`` is CPU per poll
-at one poll per second. Prints figures; asserts nothing.
+at one poll per second. The simulated fleet's PIDs do not exist on this host, so the attribution
+engine finds no /proc entry for them; a separate figure times the engine alone on as many live PIDs
+(``sleep`` processes this script starts and stops). Prints figures; asserts nothing.
 
 Before/after a change, run the same script against the other tree's ``exporter`` (it then writes the
 fleet without the keys that tree does not know):
@@ -141,6 +143,37 @@ def measure(gpus: int, polls: int, mig: bool) -> dict[str, Any] | None:
     }
 
 
+def attribution_cost(gpus: int, polls: int) -> float:
+    """CPU per poll (median, ms) of the attribution engine alone over ``gpus`` x PROCESSES_PER_GPU live
+    PIDs (its /proc reads), at the default proc root."""
+    import subprocess
+
+    from exporter.attribution.engine import AttributionEngine
+    from exporter.snapshot import GpuProcess, GpuSample, NodeSnapshot
+
+    sleepers = [subprocess.Popen(["sleep", "600"]) for _ in range(gpus * PROCESSES_PER_GPU)]
+    try:
+        snap = NodeSnapshot(host="bench", timestamp_seconds=0.0, nvml_up=True, gpus=tuple(
+            GpuSample(index=g, uuid=f"GPU-{g}", up=True, processes=tuple(
+                GpuProcess(pid=p.pid, process_type="compute", used_memory_bytes=2**28)
+                for p in sleepers[g * PROCESSES_PER_GPU:(g + 1) * PROCESSES_PER_GPU]))
+            for g in range(gpus)))
+        engine = AttributionEngine()
+        for _ in range(3):
+            engine(snap)
+        cpu = []
+        for _ in range(polls):
+            c0 = time.thread_time()
+            engine(snap)
+            cpu.append(time.thread_time() - c0)
+        return statistics.median(cpu) * 1e3
+    finally:
+        for p in sleepers:
+            p.kill()
+        for p in sleepers:
+            p.wait()
+
+
 def process_idle(gpus: int, seconds: float) -> tuple[float, bool] | None:
     """The whole exporter process (``python -m exporter --simulate FLEET --interval 1``), never scraped:
     its CPU share of one core over ``seconds`` after a warm-up, from /proc. Returns (share, new fields)."""
@@ -203,6 +236,9 @@ def main() -> int:
               f"{reader_ms / 1000:.2%} for the reader alone")
         print("  most frequent calls per GPU per poll: "
               + ", ".join(f"{name.removeprefix('nvmlDevice')} {n:.1f}" for name, n in r["top"]))
+    ms = attribution_cost(args.gpus, args.polls)
+    print(f"\nattribution engine alone, {args.gpus * PROCESSES_PER_GPU} live PIDs: {ms:.2f} ms per poll "
+          f"(median), {ms / 1000:.2%} of a core at 1 s polling")
     if args.process_seconds > 0:
         idle = process_idle(args.gpus, args.process_seconds)
         if idle is not None:
