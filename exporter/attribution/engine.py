@@ -97,20 +97,22 @@ class AttributionEngine:
     def _owner(self, pid: int, now: float) -> CgroupOwner | None:
         """The PID's owner: remembered while it is the same process (at most owner_cache's recheck
         interval), else read."""
+        cached = self._owners.get(pid, now)
+        if cached is not None and cached.identity is None:
+            return None  # no /proc entry when last asked
         try:
             identity = self.procfs.identity(pid)
-        except FileNotFoundError:
-            return None  # exited between NVML's answer and now
+        except FileNotFoundError:  # exited between NVML's answer and now, or not in our PID namespace
+            self._owners.put(pid, None, now, None)
+            return None
         except OSError:
             return self._read_owner(pid)  # cannot tell which process it is: read, remember nothing
-        owner = self._owners.get(pid, identity, now)
-        if owner is not None:
+        if cached is not None and cached.identity == identity and cached.owner is not None:
             if self._cgroup_up is not True:  # as a read would have
                 self._mark_readable()
-            return owner
+            return cached.owner
         owner = self._read_owner(pid)
-        if owner is not None:
-            self._owners.put(pid, identity, now, owner)
+        self._owners.put(pid, identity, now, owner)  # None (unreadable): read again next poll
         return owner
 
     def _read_owner(self, pid: int) -> CgroupOwner | None:

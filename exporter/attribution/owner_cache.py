@@ -11,10 +11,14 @@ only while the PID is still the same process and for at most ``RECHECK_SECONDS``
   a parse;
 - **a process moved to another cgroup** (pam_slurm_adopt, a runtime's exec, an admin's echo into
   ``cgroup.procs``) is seen at the first poll ``RECHECK_SECONDS`` after the last read;
+- **a PID with no /proc entry** (the process exited and NVML still lists it, or it lives in a PID
+  namespace the exporter does not see, as do the simulator's made-up PIDs) is asked again after
+  ``RECHECK_SECONDS``, not every poll: a process can only reuse that PID after the old one is gone, and
+  it then gets no owner for at most that long, never the old one's;
 - **bounded**: the table holds only the PIDs of the last poll (a PID NVML stopped listing is dropped
   with that poll) and at most ``MAX_ENTRIES`` of them.
 
-Nothing that failed is remembered: a PID that is gone or unreadable is asked again next poll, as before.
+An unreadable cgroup file is not remembered: it is read again next poll, and counted, as before.
 """
 
 from __future__ import annotations
@@ -28,14 +32,15 @@ MAX_ENTRIES = 4096
 
 
 class CachedOwner(NamedTuple):
-    identity: tuple[int, int]  # ProcFS.identity(pid) when the cgroup file was read
+    identity: tuple[int, int] | None  # ProcFS.identity(pid) when read; None: the PID had no /proc entry
     read_at: float  # the engine's clock (monotonic seconds)
-    owner: CgroupOwner
+    owner: CgroupOwner | None
 
 
 class OwnerCache:
     """PID → ``CachedOwner`` for the PIDs of the current poll; ``begin_poll`` … ``get``/``put`` …
-    ``end_poll`` around each poll, which drops every PID that poll did not ask about."""
+    ``end_poll`` around each poll, which drops every PID that poll did not ask about. The caller
+    compares identities: an entry is only as good as its ``identity`` matching the PID's now."""
 
     def __init__(self, recheck_seconds: float = RECHECK_SECONDS, max_entries: int = MAX_ENTRIES) -> None:
         self.recheck_seconds = recheck_seconds
@@ -49,16 +54,16 @@ class OwnerCache:
     def begin_poll(self) -> None:
         self._next = {}
 
-    def get(self, pid: int, identity: tuple[int, int], now: float) -> CgroupOwner | None:
-        """The owner read earlier for this very process, if not older than ``recheck_seconds``; it is
-        kept for the next poll. None: read the file (and ``put`` what it said)."""
+    def get(self, pid: int, now: float) -> CachedOwner | None:
+        """The PID's entry if not older than ``recheck_seconds`` (kept for the next poll unless ``put``
+        replaces it); None: ask /proc."""
         hit = self._entries.get(pid)
-        if hit is None or hit.identity != identity or now - hit.read_at >= self.recheck_seconds:
+        if hit is None or now - hit.read_at >= self.recheck_seconds:
             return None
         self._next[pid] = hit
-        return hit.owner
+        return hit
 
-    def put(self, pid: int, identity: tuple[int, int], now: float, owner: CgroupOwner) -> None:
+    def put(self, pid: int, identity: tuple[int, int] | None, now: float, owner: CgroupOwner | None) -> None:
         if len(self._next) < self.max_entries:
             self._next[pid] = CachedOwner(identity, now, owner)
 

@@ -126,17 +126,41 @@ def test_a_reused_pid_is_read_afresh(version: int) -> None:
     assert (r["before"], r["after"]) == (r["a"], r["b"])
 
 
+def make_proc(root: Path, pid: int) -> None:
+    (root / str(pid)).mkdir()
+    (root / str(pid) / "cgroup").write_text(f"0::/system.slice/docker-{str(pid) * 32}.scope\n")
+
+
 def test_only_the_last_polls_pids_are_kept(tmp_path: Path) -> None:
     for pid in (10, 11):
-        (tmp_path / str(pid)).mkdir()
-        (tmp_path / str(pid) / "cgroup").write_text(f"0::/system.slice/docker-{str(pid) * 32}.scope\n")
+        make_proc(tmp_path, pid)
     procfs = CountingProcFS(tmp_path)
     engine = AttributionEngine(procfs, clock=lambda: 0.0)
     for pids in ((10, 11), (10, 11), (10,), (10, 11), (10, 11, 12)):
         out = engine(snapshot_with(*pids))
     assert container_ids(out) == {10: "10" * 32, 11: "11" * 32, 12: None}
-    # 10 read once; 11 read again after a poll without it; 12 does not exist (nothing kept, no read).
+    # 10 read once; 11 read again after a poll without it; 12 has no /proc entry (no cgroup read).
     assert procfs.reads == {10: 1, 11: 2}
+
+
+def test_a_pid_without_proc_entry_is_asked_again_after_the_interval(tmp_path: Path) -> None:
+    now = [0.0]
+    asked: list[int] = []
+
+    class Asking(CountingProcFS):
+        def identity(self, pid: int) -> tuple[int, int]:
+            asked.append(pid)
+            return super().identity(pid)
+
+    engine = AttributionEngine(Asking(tmp_path), clock=lambda: now[0])
+    assert container_ids(engine(snapshot_with(20))) == {20: None}
+    make_proc(tmp_path, 20)  # a process under that PID now (only after the one NVML listed is gone)
+    now[0] += RECHECK_SECONDS / 2
+    assert container_ids(engine(snapshot_with(20))) == {20: None}  # not asked within the interval
+    assert asked == [20]
+    now[0] += RECHECK_SECONDS / 2
+    assert container_ids(engine(snapshot_with(20))) == {20: "20" * 32}
+    assert asked == [20, 20]
 
 
 def test_size_is_bounded() -> None:
@@ -144,11 +168,14 @@ def test_size_is_bounded() -> None:
     owner = CgroupOwner(systemd_unit="x.service")
     cache.begin_poll()
     for pid in (1, 2, 3):
-        assert cache.get(pid, (pid, 0), 0.0) is None
+        assert cache.get(pid, 0.0) is None
         cache.put(pid, (pid, 0), 0.0, owner)
     cache.end_poll()
     assert len(cache) == 2
     cache.begin_poll()
-    assert [cache.get(pid, (pid, 0), 1.0) for pid in (1, 2, 3)] == [owner, owner, None]
-    assert cache.get(1, (1, 999), 1.0) is None  # another process under the same PID
+    assert [e.owner if (e := cache.get(pid, 1.0)) else None for pid in (1, 2, 3)] == [owner, owner, None]
     cache.end_poll()
+    assert len(cache) == 2
+    cache.begin_poll()
+    cache.end_poll()  # a poll without those PIDs
+    assert len(cache) == 0
