@@ -64,6 +64,19 @@ def vmalert_rounds(samples: dict[str, list[tuple[dict[str, str], float]]]) -> di
     return out
 
 
+def top_queries(vm_url: str, window: float, n: int = 8) -> list[tuple[float, float, str]]:
+    """The store's costliest queries (sum of seconds, count, query) of the last ``window`` seconds:
+    which rule of a slow group costs what (vmalert only times whole groups)."""
+    from harness.support import http_get
+
+    status, text = http_get(f"{vm_url}/api/v1/status/top_queries?topN={n}&maxLifetime={int(window)}s", timeout=30)
+    if status != 200:
+        raise RuntimeError(f"{vm_url}/api/v1/status/top_queries answered {status}")
+    body = json.loads(text)
+    return [(float(q["sumDurationSeconds"]), float(q["count"]), str(q["query"]))
+            for q in body.get("topBySumDuration", [])]
+
+
 def processes(stack: FleetStack, sim: Child) -> dict[str, int]:
     pids = {"victoria-metrics": stack.processes[0].pid, "vmalert": stack.processes[-1].pid, "fleet_sim": sim.pid}
     for i, (agent, _) in enumerate(stack.agents):
@@ -101,6 +114,7 @@ def measure(stack: FleetStack, sim: Child, window: float) -> dict[str, Any]:
         "cpu_cores": {name: (cpu1[name] - cpu0[name]) / elapsed for name in pids},
         "rss_median": {name: statistics.median(v) for name, v in rss.items()},
         "rule_group_seconds": per_group,
+        "top_queries": top_queries(stack.vm_url, elapsed),
     }
 
 
@@ -201,8 +215,12 @@ def main(argv: list[str] | None = None) -> int:
           "including ingestion); slowest:")
     for group, seconds in sorted(groups.items(), key=lambda kv: -kv[1])[:5]:
         print(f"  {group:<32} {seconds * 1000:7.2f} ms")
-    print(f"XID 79 on one node -> page at the webhook: median {statistics.median(delays):.2f}s, "
-          f"max {max(delays):.2f}s over {len(delays)} faults ({', '.join(f'{d:.2f}' for d in delays)})")
+    print("costliest queries in the store over the window (sum of seconds, evaluations, query):")
+    for seconds, count, query in figures["top_queries"]:
+        print(f"  {seconds:7.2f} s {count:5.0f}x  {' '.join(query.split())[:140]}")
+    if delays:
+        print(f"XID 79 on one node -> page at the webhook: median {statistics.median(delays):.2f}s, "
+              f"max {max(delays):.2f}s over {len(delays)} faults ({', '.join(f'{d:.2f}' for d in delays)})")
     print(f"logs: {log_dir}")
     return 0
 
