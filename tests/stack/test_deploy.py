@@ -21,11 +21,11 @@ import pytest
 import yaml
 
 from exporter.config import Settings, env_name
+from harness.k8s_schema import K8S_VERSION, LABELS, SELECTOR, crd, validate
 from harness.support import REPO_ROOT, require_binary
 
 DEPLOY = REPO_ROOT / "deploy"
 K8S = DEPLOY / "kubernetes"
-K8S_VERSION = "1.30"  # native sidecars (initContainers[].restartPolicy) need 1.28+
 EXPORTER_PORT = 9835
 
 _GEN_SPEC = importlib.util.spec_from_file_location("gen_prometheusrule", K8S / "gen_prometheusrule.py")
@@ -33,16 +33,10 @@ assert _GEN_SPEC and _GEN_SPEC.loader
 gen_prometheusrule = importlib.util.module_from_spec(_GEN_SPEC)
 _GEN_SPEC.loader.exec_module(gen_prometheusrule)
 
-_LABELS = {"type": "object", "additionalProperties": {"type": "string"}}
 _META = {
     "type": "object",
     "required": ["name"],
-    "properties": {"name": {"type": "string"}, "namespace": {"type": "string"}, "labels": _LABELS},
-}
-_SELECTOR = {
-    "type": "object",
-    "additionalProperties": False,
-    "properties": {"matchLabels": _LABELS, "matchExpressions": {"type": "array"}},
+    "properties": {"name": {"type": "string"}, "namespace": {"type": "string"}, "labels": LABELS},
 }
 _NS_SELECTOR = {
     "type": "object",
@@ -74,92 +68,62 @@ _ENDPOINT = {
     },
 }
 # Subsets of the monitoring.coreos.com/v1 CRD schemas (prometheus-operator), for the fields used here.
+_MONITORING_V1 = "monitoring.coreos.com/v1"
+_RULE = {
+    "type": "object",
+    "required": ["expr"],
+    "additionalProperties": False,
+    "properties": {
+        "alert": {"type": "string"},
+        "record": {"type": "string"},
+        "expr": {"type": ["string", "integer"]},
+        "for": {"type": "string"},
+        "keep_firing_for": {"type": "string"},
+        "labels": LABELS,
+        "annotations": LABELS,
+    },
+    "oneOf": [{"required": ["alert"]}, {"required": ["record"]}],
+}
+_RULE_GROUP = {
+    "type": "object",
+    "required": ["name", "rules"],
+    "additionalProperties": False,
+    "properties": {
+        "name": {"type": "string", "minLength": 1},
+        "interval": {"type": "string"},
+        "limit": {"type": "integer"},
+        "rules": {"type": "array", "items": _RULE},
+    },
+}
 CRD_SCHEMAS: dict[str, dict[str, Any]] = {
-    "ServiceMonitor": {
-        "type": "object",
-        "required": ["apiVersion", "kind", "metadata", "spec"],
-        "properties": {
-            "apiVersion": {"const": "monitoring.coreos.com/v1"},
-            "metadata": _META,
-            "spec": {
-                "type": "object",
-                "additionalProperties": False,
-                "required": ["selector", "endpoints"],
-                "properties": {
-                    "jobLabel": {"type": "string"},
-                    "selector": _SELECTOR,
-                    "namespaceSelector": _NS_SELECTOR,
-                    "endpoints": {"type": "array", "minItems": 1, "items": _ENDPOINT},
-                },
-            },
+    "ServiceMonitor": crd(
+        _MONITORING_V1,
+        _META,
+        {
+            "jobLabel": {"type": "string"},
+            "selector": SELECTOR,
+            "namespaceSelector": _NS_SELECTOR,
+            "endpoints": {"type": "array", "minItems": 1, "items": _ENDPOINT},
         },
-    },
-    "PodMonitor": {
-        "type": "object",
-        "required": ["apiVersion", "kind", "metadata", "spec"],
-        "properties": {
-            "apiVersion": {"const": "monitoring.coreos.com/v1"},
-            "metadata": _META,
-            "spec": {
-                "type": "object",
-                "additionalProperties": False,
-                "required": ["selector", "podMetricsEndpoints"],
-                "properties": {
-                    "jobLabel": {"type": "string"},
-                    "selector": _SELECTOR,
-                    "namespaceSelector": _NS_SELECTOR,
-                    "podMetricsEndpoints": {"type": "array", "minItems": 1, "items": _ENDPOINT},
-                },
-            },
+        required=["selector", "endpoints"],
+    ),
+    "PodMonitor": crd(
+        _MONITORING_V1,
+        _META,
+        {
+            "jobLabel": {"type": "string"},
+            "selector": SELECTOR,
+            "namespaceSelector": _NS_SELECTOR,
+            "podMetricsEndpoints": {"type": "array", "minItems": 1, "items": _ENDPOINT},
         },
-    },
-    "PrometheusRule": {
-        "type": "object",
-        "required": ["apiVersion", "kind", "metadata", "spec"],
-        "properties": {
-            "apiVersion": {"const": "monitoring.coreos.com/v1"},
-            "metadata": _META,
-            "spec": {
-                "type": "object",
-                "additionalProperties": False,
-                "required": ["groups"],
-                "properties": {
-                    "groups": {
-                        "type": "array",
-                        "minItems": 1,
-                        "items": {
-                            "type": "object",
-                            "required": ["name", "rules"],
-                            "additionalProperties": False,
-                            "properties": {
-                                "name": {"type": "string", "minLength": 1},
-                                "interval": {"type": "string"},
-                                "limit": {"type": "integer"},
-                                "rules": {
-                                    "type": "array",
-                                    "items": {
-                                        "type": "object",
-                                        "required": ["expr"],
-                                        "additionalProperties": False,
-                                        "properties": {
-                                            "alert": {"type": "string"},
-                                            "record": {"type": "string"},
-                                            "expr": {"type": ["string", "integer"]},
-                                            "for": {"type": "string"},
-                                            "keep_firing_for": {"type": "string"},
-                                            "labels": _LABELS,
-                                            "annotations": _LABELS,
-                                        },
-                                        "oneOf": [{"required": ["alert"]}, {"required": ["record"]}],
-                                    },
-                                },
-                            },
-                        },
-                    }
-                },
-            },
-        },
-    },
+        required=["selector", "podMetricsEndpoints"],
+    ),
+    "PrometheusRule": crd(
+        _MONITORING_V1,
+        _META,
+        {"groups": {"type": "array", "minItems": 1, "items": _RULE_GROUP}},
+        required=["groups"],
+    ),
 }
 
 
@@ -203,19 +167,10 @@ def known_env() -> set[str]:
 
 
 def test_every_manifest_validates() -> None:
-    import kubernetes_validate
-
     seen = set()
     for path, doc in all_objects():
-        kind = doc["kind"]
-        seen.add(kind)
-        if kind in CRD_SCHEMAS:
-            jsonschema.validate(doc, CRD_SCHEMAS[kind])
-        else:
-            try:
-                kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
-            except kubernetes_validate.ValidationError as exc:
-                raise AssertionError(f"{path.name} {kind}/{doc['metadata']['name']}: {exc.message}") from None
+        seen.add(doc["kind"])
+        validate(doc, path.name, CRD_SCHEMAS)
     assert {"DaemonSet", "Service", "ServiceMonitor", "PodMonitor", "PrometheusRule", "Job"} <= seen
 
 

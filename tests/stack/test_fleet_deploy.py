@@ -17,103 +17,78 @@ import pytest
 import yaml
 
 from harness.fleet_stack import FLEET_DIR, agent_config, read_args, shard_of
+from harness.k8s_schema import LABELS, SELECTOR, crd, validate
 from harness.support import REPO_ROOT
 
 K8S = FLEET_DIR / "kubernetes"
-K8S_VERSION = "1.30"
 NAMESPACE = "gpu-monitoring"
 
-_LABELS = {"type": "object", "additionalProperties": {"type": "string"}}
 _META = {
     "type": "object",
     "required": ["name", "namespace"],
     "additionalProperties": False,
-    "properties": {"name": {"type": "string"}, "namespace": {"const": NAMESPACE}, "labels": _LABELS},
-}
-_SELECTOR = {
-    "type": "object",
-    "additionalProperties": False,
-    "properties": {"matchLabels": _LABELS, "matchExpressions": {"type": "array"}},
+    "properties": {"name": {"type": "string"}, "namespace": {"const": NAMESPACE}, "labels": LABELS},
 }
 _RESOURCES = {
     "type": "object",
     "additionalProperties": False,
-    "properties": {"requests": _LABELS, "limits": _LABELS},
+    "properties": {"requests": LABELS, "limits": LABELS},
 }
 _DURATION = {"type": "string", "pattern": r"^(0|(([0-9]+)h)?(([0-9]+)m)?(([0-9]+)s)?(([0-9]+)ms)?)$"}
+_REMOTE_WRITE = {
+    "type": "object",
+    "additionalProperties": False,
+    "required": ["url"],
+    "properties": {
+        "url": {"type": "string", "pattern": "^https?://"},
+        "queueConfig": {
+            "type": "object",
+            "additionalProperties": False,
+            "properties": {
+                "capacity": {"type": "integer"},
+                "maxShards": {"type": "integer"},
+                "minShards": {"type": "integer"},
+                "maxSamplesPerSend": {"type": "integer"},
+                "batchSendDeadline": _DURATION,
+            },
+        },
+        "metadataConfig": {
+            "type": "object",
+            "additionalProperties": False,
+            "properties": {"send": {"type": "boolean"}, "sendInterval": _DURATION},
+        },
+    },
+}
 CRD_SCHEMAS: dict[str, dict[str, Any]] = {
     # monitoring.coreos.com/v1alpha1 PrometheusAgent (prometheus-operator v0.64+), fields used here.
-    "PrometheusAgent": {
-        "type": "object",
-        "required": ["apiVersion", "kind", "metadata", "spec"],
-        "properties": {
-            "apiVersion": {"const": "monitoring.coreos.com/v1alpha1"},
-            "metadata": _META,
-            "spec": {
-                "type": "object",
-                "additionalProperties": False,
-                "required": ["remoteWrite"],
-                "properties": {
-                    "shards": {"type": "integer", "minimum": 1},
-                    "replicas": {"type": "integer", "minimum": 1},
-                    "scrapeInterval": _DURATION,
-                    "serviceAccountName": {"type": "string"},
-                    "serviceMonitorSelector": _SELECTOR,
-                    "serviceMonitorNamespaceSelector": _SELECTOR,
-                    "podMonitorSelector": _SELECTOR,
-                    "enforcedSampleLimit": {"type": "integer", "minimum": 1},
-                    "resources": _RESOURCES,
-                    "remoteWrite": {
-                        "type": "array",
-                        "minItems": 1,
-                        "items": {
-                            "type": "object",
-                            "additionalProperties": False,
-                            "required": ["url"],
-                            "properties": {
-                                "url": {"type": "string", "pattern": "^https?://"},
-                                "queueConfig": {
-                                    "type": "object",
-                                    "additionalProperties": False,
-                                    "properties": {
-                                        "capacity": {"type": "integer"},
-                                        "maxShards": {"type": "integer"},
-                                        "minShards": {"type": "integer"},
-                                        "maxSamplesPerSend": {"type": "integer"},
-                                        "batchSendDeadline": _DURATION,
-                                    },
-                                },
-                                "metadataConfig": {
-                                    "type": "object",
-                                    "additionalProperties": False,
-                                    "properties": {"send": {"type": "boolean"}, "sendInterval": _DURATION},
-                                },
-                            },
-                        },
-                    },
-                },
-            },
+    "PrometheusAgent": crd(
+        "monitoring.coreos.com/v1alpha1",
+        _META,
+        {
+            "shards": {"type": "integer", "minimum": 1},
+            "replicas": {"type": "integer", "minimum": 1},
+            "scrapeInterval": _DURATION,
+            "serviceAccountName": {"type": "string"},
+            "serviceMonitorSelector": SELECTOR,
+            "serviceMonitorNamespaceSelector": SELECTOR,
+            "podMonitorSelector": SELECTOR,
+            "enforcedSampleLimit": {"type": "integer", "minimum": 1},
+            "resources": _RESOURCES,
+            "remoteWrite": {"type": "array", "minItems": 1, "items": _REMOTE_WRITE},
         },
-    },
+        required=["remoteWrite"],
+    ),
     # monitoring.coreos.com/v1 Alertmanager, fields used here.
-    "Alertmanager": {
-        "type": "object",
-        "required": ["apiVersion", "kind", "metadata", "spec"],
-        "properties": {
-            "apiVersion": {"const": "monitoring.coreos.com/v1"},
-            "metadata": _META,
-            "spec": {
-                "type": "object",
-                "additionalProperties": False,
-                "properties": {
-                    "replicas": {"type": "integer", "minimum": 1},
-                    "clusterPeerTimeout": _DURATION,
-                    "retention": {"type": "string", "pattern": r"^[0-9]+(ms|s|m|h)$"},
-                    "resources": _RESOURCES,
-                },
-            },
+    "Alertmanager": crd(
+        "monitoring.coreos.com/v1",
+        _META,
+        {
+            "replicas": {"type": "integer", "minimum": 1},
+            "clusterPeerTimeout": _DURATION,
+            "retention": {"type": "string", "pattern": r"^[0-9]+(ms|s|m|h)$"},
+            "resources": _RESOURCES,
         },
-    },
+    ),
 }
 
 
@@ -137,18 +112,10 @@ def container_args(kind: str, name: str) -> list[str]:
 
 
 def test_every_fleet_manifest_validates() -> None:
-    import kubernetes_validate
-
     kinds = set()
     for fname, doc in objects():
         kinds.add(doc["kind"])
-        if doc["kind"] in CRD_SCHEMAS:
-            jsonschema.validate(doc, CRD_SCHEMAS[doc["kind"]])
-        else:
-            try:
-                kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
-            except kubernetes_validate.ValidationError as exc:
-                raise AssertionError(f"{fname} {doc['kind']}/{doc['metadata']['name']}: {exc.message}") from None
+        validate(doc, fname, CRD_SCHEMAS)
     assert {"PrometheusAgent", "Alertmanager", "StatefulSet", "Deployment", "Service"} <= kinds
     listed = yaml.safe_load((K8S / "kustomization.yaml").read_text())["resources"]
     assert sorted(listed) == sorted(p.name for p in K8S.glob("*.yaml") if p.name != "kustomization.yaml")
